@@ -1,0 +1,117 @@
+"""Training-health logging for CARP: loss terms, schedules, agreement and prototype usage."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from fastai.callback.core import Callback
+
+from .teacher_ema import TeacherEMA
+
+
+class CollapseWarning(UserWarning):
+    """The teacher assigns (almost) every view to the same few prototypes."""
+
+
+@torch.no_grad()
+def assignment_stats(student, teacher, partition, n_prototypes: int) -> torch.Tensor:
+    """Agreement and prototype usage of one step, as a device tensor (no host sync).
+
+    Args:
+        student: block logits ``[V_s, N, P, B]``.
+        teacher: block logits ``[V_t, N, P, B]``.
+        partition: ``[P, B]`` prototype indices.
+        n_prototypes: K.
+
+    Returns:
+        ``[3]``: student-teacher agreement (fraction of pairs (i, j), i != j, whose
+        arg-max prototype over all blocks is the same), prototypes hit by the teacher's
+        arg-max assignments, and the perplexity ``exp(H)`` of those assignments.
+    """
+    flat = partition.flatten()
+    s_assign = flat[student.flatten(2).argmax(-1)]  # [V_s, N] prototype ids
+    t_assign = flat[teacher.flatten(2).argmax(-1)]  # [V_t, N]
+    same = (s_assign[:, None, :] == t_assign[None, :, :]).float()  # [V_s, V_t, N]
+    other_view = 1.0 - torch.eye(*same.shape[:2], device=same.device)  # [V_s, V_t]
+    agreement = (same * other_view[..., None]).sum() / (other_view.sum() * same.shape[-1])
+    # Fixed-size histogram over all K prototypes: no data-dependent shapes, no host sync.
+    counts = torch.zeros(n_prototypes, device=flat.device).scatter_add_(
+        0, t_assign.flatten(), torch.ones(t_assign.numel(), device=flat.device)
+    )  # [K]
+    p = counts / counts.sum()
+    perplexity = torch.exp(-torch.special.xlogy(p, p).sum())
+    hit = (counts > 0).sum().float()
+    return torch.stack([agreement, hit, perplexity])
+
+
+class CARPStats(Callback):
+    """Logs loss, consistency, entropy, lr, teacher momentum, agreement and prototype usage.
+
+    Loss terms are summed on the device every batch; every ``every`` training batches (and
+    at the end of each epoch) the means and the current batch's assignment statistics
+    reach the host in one transfer and are appended to ``self.history`` (a list of dicts)
+    and stored in ``learn.carp_log``. Expects ``learn.loss_func`` to be a
+    :class:`carp_fast.loss.CARPLoss` and ``learn.pred`` a :class:`carp_fast.networks.CARPOutput`.
+
+    A :class:`CollapseWarning` is raised (and printed in red) when the perplexity of the
+    teacher's assignments falls below ``collapse_fraction * min(K, assignments)`` (at least
+    2): every view then lands on a handful of prototypes.
+    """
+
+    order, run_valid = TeacherEMA.order + 1, False
+    KEYS = ("loss", "consistency", "entropy", "agreement", "prototypes_hit", "perplexity")
+
+    def __init__(self, every: int = 50, collapse_fraction: float = 0.05):
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.every, self.collapse_fraction = every, collapse_fraction
+        self.history: list[dict] = []
+
+    def before_fit(self):
+        "Start a fresh history."
+        self.history, self._sum, self._count = [], None, 0
+
+    def after_batch(self):
+        "Accumulate the loss terms on the device; log every `every` batches."
+        parts = self.learn.loss_func.parts
+        if parts is None:
+            return
+        terms = torch.stack([parts.total, parts.consistency, parts.entropy]).float()
+        self._sum = terms if self._sum is None else self._sum + terms
+        self._count += 1
+        if self.learn.train_iter % self.every == 0:
+            self._log()
+
+    def after_train(self):
+        "Log what is left of the epoch."
+        if self._count:
+            self._log()
+
+    def _log(self):
+        pred = self.learn.pred
+        n_prototypes = getattr(self.learn.model, "module", self.learn.model).student.prototypes.n_prototypes
+        stats = assignment_stats(pred.student, pred.teacher, pred.partition, n_prototypes)
+        values = torch.cat([self._sum / self._count, stats]).tolist()  # the one host sync
+        record = dict(epoch=self.learn.epoch, step=self.learn.train_iter, **dict(zip(self.KEYS, values)))
+        record["lr"] = self.learn.opt.hypers[-1]["lr"]
+        record["momentum"] = getattr(self.learn, "teacher_momentum", float("nan"))
+        self.history.append(record)
+        self.learn.carp_log = record
+        self._sum, self._count = None, 0
+        self._check_collapse(record, pred)
+
+    def _check_collapse(self, record, pred):
+        n_assignments = pred.teacher.shape[0] * pred.teacher.shape[1]
+        threshold = max(2.0, self.collapse_fraction * min(pred.partition.numel(), n_assignments))
+        if record["perplexity"] < threshold and n_assignments > 2:
+            message = (
+                f"CARP assignments are collapsing at step {record['step']}: the teacher's "
+                f"{n_assignments} assignments use {int(record['prototypes_hit'])} prototypes "
+                f"(perplexity {record['perplexity']:.2f} < {threshold:.2f}); check the learning "
+                "rate, the block size (smaller blocks are more stable) and the augmentations"
+            )
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[bold red]WARNING: {message}[/]")
+            warnings.warn(message, CollapseWarning, stacklevel=2)

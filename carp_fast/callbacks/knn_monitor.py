@@ -1,0 +1,69 @@
+"""Periodic weighted k-NN accuracy of the teacher's backbone features during training."""
+
+from __future__ import annotations
+
+from fastai.callback.core import Callback
+
+from .carp_stats import CARPStats
+
+
+class KNNMonitor(Callback):
+    """Every ``every`` epochs (and after the last), k-NN top-1 of the teacher's features.
+
+    DINO's protocol (``carp_fast.eval.knn``): L2-normalised backbone features, cosine
+    similarity, the k nearest training features vote with weight ``exp(sim / T)``. The
+    result goes to ``learn.knn_top1`` and ``self.history`` as ``{"epoch", "knn_top1",
+    "knn_top5"}``. It runs on the main process only (other ranks skip it: the teacher's
+    backbone is called directly, outside DistributedDataParallel, so no collective waits).
+
+    Args:
+        train_dl, valid_dl: labelled loaders of ``(images [N, 3, S, S], labels [N])``
+            (e.g. ``pipelines.eval_loader``): the feature bank and the queries.
+        every: epochs between evaluations.
+        k, temperature: the vote (paper / DINO: 20 and 0.07).
+        network: ``"teacher"`` (default, as the paper evaluates) or ``"student"``.
+    """
+
+    order, run_valid = CARPStats.order + 1, False
+
+    def __init__(self, train_dl, valid_dl, every: int = 1, k: int = 20, temperature: float = 0.07, network: str = "teacher"):
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        if network not in ("teacher", "student"):
+            raise ValueError(f"network must be 'teacher' or 'student', got {network!r}")
+        self.train_dl, self.valid_dl, self.every = train_dl, valid_dl, every
+        self.k, self.temperature, self.network = k, temperature, network
+        self.history: list[dict] = []
+
+    def before_fit(self):
+        "Start a fresh history."
+        self.history = []
+
+    def after_epoch(self):
+        "Evaluate on schedule, on the main process."
+        last = self.learn.epoch == self.learn.n_epoch - 1
+        if (self.learn.epoch + 1) % self.every and not last:
+            return
+        from accelerate.state import PartialState
+
+        if not PartialState().is_main_process:
+            return
+        top1, top5 = self.evaluate()
+        self.learn.knn_top1 = top1
+        self.history.append(dict(epoch=self.learn.epoch, knn_top1=top1, knn_top5=top5))
+
+    def evaluate(self) -> tuple[float, float]:
+        """k-NN top-1 and top-5 (percent) of the current network on the two loaders."""
+        from carp_fast.eval.features import extract_features
+        from carp_fast.eval.knn import knn_accuracy
+
+        backbone = getattr(getattr(self.learn.model, "module", self.learn.model), self.network).backbone
+        device = next(backbone.parameters()).device
+        was_training = backbone.training
+        try:
+            bank = extract_features(backbone, self.train_dl, device=device, progress=False)
+            queries = extract_features(backbone, self.valid_dl, device=device, progress=False)
+        finally:
+            backbone.train(was_training)
+        result = knn_accuracy(bank.features, bank.labels, queries.features, queries.labels, k=self.k, temperature=self.temperature)
+        return result.top1, result.top5

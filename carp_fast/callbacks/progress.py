@@ -1,0 +1,78 @@
+"""A rich progress display for the main process."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from fastai.callback.core import Callback
+
+
+class RichProgress(Callback):
+    """Epoch, step, images/s, ETA and the latest logged loss, entropy and momentum.
+
+    Shows a rich progress bar on a terminal; elsewhere (CI logs, files) prints one concise
+    line per epoch. Numbers come from ``learn.carp_log`` (written by
+    :class:`~carp_fast.callbacks.carp_stats.CARPStats` once per logging interval), so the
+    display adds no host synchronisation. Only the main process displays anything.
+
+    Args:
+        images_per_batch: images of one training batch over all processes (for images/s).
+        live: force the bar on (True) or off (False); default: on when stdout is a terminal.
+    """
+
+    order, run_valid = 65, False
+
+    def __init__(self, images_per_batch: int, live: bool | None = None):
+        self.images_per_batch, self.live = images_per_batch, live
+
+    def before_fit(self):
+        "Start the bar (main process only)."
+        from accelerate.state import PartialState
+
+        self.enabled = PartialState().is_main_process
+        self.live_now = sys.stdout.isatty() if self.live is None else self.live
+        self._progress = None
+        if self.enabled and self.live_now:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+                TextColumn("{task.fields[speed]}"), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
+            )
+            total = len(self.learn.dls.train) * self.learn.n_epoch
+            self._task = self._progress.add_task("fit", total=total, epoch=0, speed="", stats="")
+            self._progress.start()
+        self._start = time.perf_counter()
+
+    def before_train(self):
+        "Time the epoch."
+        self._epoch_start, self._epoch_step0 = time.perf_counter(), self.learn.train_iter
+
+    def after_batch(self):
+        "Advance the bar."
+        if self._progress is None:
+            return
+        steps = self.learn.train_iter - self._epoch_step0
+        speed = steps * self.images_per_batch / max(time.perf_counter() - self._epoch_start, 1e-9)
+        self._progress.update(self._task, completed=self.learn.train_iter, epoch=self.learn.epoch, speed=f"{speed:,.0f} img/s", stats=self._stats())
+
+    def after_train(self):
+        "Keep the epoch's speed; print a line when no bar is shown."
+        seconds = time.perf_counter() - self._epoch_start
+        steps = self.learn.train_iter - self._epoch_step0
+        self.learn.images_per_s = steps * self.images_per_batch / max(seconds, 1e-9)
+        if self.enabled and self._progress is None:
+            print(f"epoch {self.learn.epoch + 1}/{self.learn.n_epoch}  step {self.learn.train_iter}  "
+                  f"{self.learn.images_per_s:,.0f} img/s  {seconds:.0f}s  {self._stats()}", flush=True)
+
+    def after_fit(self):
+        "Close the bar."
+        if self._progress is not None:
+            self._progress.stop()
+
+    def _stats(self) -> str:
+        log = getattr(self.learn, "carp_log", None)
+        if not log:
+            return ""
+        return f"loss {log['loss']:.4f}  entropy {log['entropy']:.4f}  momentum {log['momentum']:.5f}"

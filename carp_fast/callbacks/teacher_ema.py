@@ -1,0 +1,64 @@
+"""Teacher update: an exponential moving average of the student after every optimizer step."""
+
+from __future__ import annotations
+
+
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.schedule import sched_cos
+
+
+def teacher_momentum(base: float, progress: float) -> float:
+    """Cosine schedule of the teacher momentum from ``base`` (progress 0) to 1 (progress 1).
+
+    ``m(p) = 1 - (1 - base) * (cos(pi * p) + 1) / 2``, as in BYOL, DINO and the paper.
+    """
+    return sched_cos(base, 1.0, min(max(progress, 0.0), 1.0))
+
+
+@torch.no_grad()
+def ema_update(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float) -> None:
+    """``teacher <- m * teacher + (1 - m) * student`` for all tensors in one fused kernel."""
+    torch._foreach_lerp_(teacher, student, 1.0 - momentum)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)  # DistributedDataParallel / Accelerate wrappers
+
+
+class TeacherEMA(Callback):
+    """Updates the teacher from the student after each optimizer step.
+
+    The momentum follows :func:`teacher_momentum` over the fit's progress
+    (``learn.pct_train``, so a step of the last batch sits just below 1.0); the value of the
+    last update is kept in ``learn.teacher_momentum``.
+
+    Args:
+        base: momentum at the start of the fit (paper: 0.99).
+        student, teacher: attribute names of the two networks on ``learn.model``.
+    """
+
+    order, run_valid = 10, False
+
+    def __init__(self, base: float = 0.99, student: str = "student", teacher: str = "teacher"):
+        if not 0.0 <= base <= 1.0:
+            raise ValueError(f"base momentum must be in [0, 1], got {base}")
+        self.base, self.student_attr, self.teacher_attr = base, student, teacher
+
+    def before_fit(self):
+        "Pair up the parameters once: same architecture, same order."
+        model = _unwrap(self.learn.model)
+        student = list(getattr(model, self.student_attr).parameters())
+        teacher = list(getattr(model, self.teacher_attr).parameters())
+        if len(student) != len(teacher) or any(s.shape != t.shape for s, t in zip(student, teacher)):
+            raise ValueError("student and teacher must have the same parameters (shapes and order)")
+        self.student_params, self.teacher_params = student, teacher
+        self.learn.teacher_momentum = self.base
+
+    def after_step(self):
+        "Move the teacher towards the student."
+        momentum = teacher_momentum(self.base, self.learn.pct_train)
+        # The teacher's parameters are tied to the student's live tensors; `.data` would
+        # make them leaves of no graph, which they already are (requires_grad=False).
+        ema_update(self.teacher_params, self.student_params, momentum)
+        self.learn.teacher_momentum = momentum

@@ -1,0 +1,203 @@
+"""A fastai Learner for CARP: model, objective, optimizer, schedules and callbacks.
+
+:func:`carp_learner` wires the pieces the way the paper trains (appendix C.1): LARS
+(momentum 0.9, eta 0.001, no weight decay or adaptation on 1-d parameters), weight decay
+1e-6, learning rate ``base_lr * global_batch / 256`` with cosine decay to 1 % of it, a
+teacher momentum cosine from 0.99 to 1, mixed precision, SyncBatchNorm, and gradient
+accumulation toward a global batch of 4096. Processes and devices come from Accelerate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from fastai.callback.core import Callback, TrainEvalCallback
+from fastai.callback.schedule import ParamScheduler, SchedCos
+from fastai.learner import Learner
+from fastai.optimizer import OptimWrapper
+
+from .callbacks.accumulation import GradientAccumulation
+from .callbacks.carp_stats import CARPStats
+from .callbacks.precision import PRECISIONS, precision_callbacks
+from .callbacks.progress import RichProgress
+from .callbacks.recorder import DeviceRecorder
+from .callbacks.teacher_ema import TeacherEMA
+from .lars import LARS
+from .loss import CARPLoss
+from .networks import StudentTeacher
+from .partition import PARTITION_MODES
+
+OPTIMIZERS = ("lars", "adamw")
+
+
+@dataclass
+class CARPConfig:
+    """Settings of a CARP run. Defaults are the paper's ImageNet ResNet-50 multi-crop run."""
+
+    # Model
+    arch: str = "resnet50"  # backbone: resnet50 | resnet18_small (28-64 px images)
+    n_prototypes: int = 65536  # K
+    block_size: int = 512  # B prototypes per partition block; B = K is CARL (collapses)
+    partition: str = "random"  # random: new partition every step | fixed: the paper's ablation
+    hidden_dim: int = 2048  # projection head hidden width
+    embed_dim: int = 256  # projection head output width D
+    global_crops: int = 2  # leading crops that the teacher also sees
+    teacher_batch_stats: bool = True  # teacher BatchNorm on batch statistics, as DINO/BYOL
+    # Optimisation
+    optimizer: str = "lars"  # lars (paper) | adamw (better for short, small runs)
+    base_lr: float = 0.6  # per 256 images; 0.6 up to 200 epochs, 0.3 for 400+ (paper)
+    final_lr_fraction: float = 0.01  # cosine decay to base_lr * this (0.6 -> 0.006)
+    weight_decay: float = 1e-6
+    final_weight_decay: float | None = None  # cosine weight decay schedule end; None: constant
+    lars_momentum: float = 0.9
+    lars_eta: float = 0.001
+    batch_size: int = 64  # images per process per micro-batch
+    global_batch: int = 4096  # images per optimizer step; batch_size x processes x accumulation
+    teacher_momentum: float = 0.99  # cosine to 1.0 over the fit
+    # Speed
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (CUDA) | fp32
+    channels_last: bool | None = None  # None: on for CUDA
+    sync_bn: bool = True  # SyncBatchNorm across processes (CUDA only)
+    # Logging
+    log_every: int = 50  # batches between host syncs for the logged statistics
+    seed: int = 0
+
+    def __post_init__(self):
+        checks = [
+            (self.partition in PARTITION_MODES, f"partition must be one of {PARTITION_MODES}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
+            (self.precision in PRECISIONS + ("auto",), f"precision must be one of {PRECISIONS + ('auto',)}"),
+            (self.n_prototypes >= 1, "n_prototypes must be >= 1"),
+            (1 <= self.block_size <= self.n_prototypes, f"block_size must be in [1, n_prototypes={self.n_prototypes}]"),
+            (self.base_lr > 0, "base_lr must be > 0"),
+            (0 <= self.final_lr_fraction <= 1, "final_lr_fraction must be in [0, 1]"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.batch_size >= 1 and self.global_batch >= 1, "batch_size and global_batch must be >= 1"),
+            (0 <= self.teacher_momentum <= 1, "teacher_momentum must be in [0, 1]"),
+            (1 <= self.global_crops, "global_crops must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"CARPConfig: {message}; got {self.describe()}")
+
+    def describe(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def accumulation_steps(self, num_processes: int) -> int:
+        """Micro-batches per optimizer step so that batch x processes x steps = global batch."""
+        per_step = self.batch_size * num_processes
+        if self.global_batch % per_step:
+            raise ValueError(
+                f"global_batch={self.global_batch} is not a multiple of batch_size x processes = "
+                f"{self.batch_size} x {num_processes}; change --global-batch or --batch-size"
+            )
+        return self.global_batch // per_step
+
+    def peak_lr(self) -> float:
+        """``base_lr * global_batch / 256`` (the linear scaling rule the paper follows)."""
+        return self.base_lr * self.global_batch / 256
+
+
+def build_model(config: CARPConfig) -> StudentTeacher:
+    """The student/teacher pair described by ``config``."""
+    return StudentTeacher(
+        arch=config.arch,
+        n_prototypes=config.n_prototypes,
+        block_size=config.block_size,
+        partition=config.partition,
+        global_crops=config.global_crops,
+        hidden_dim=config.hidden_dim,
+        embed_dim=config.embed_dim,
+        seed=config.seed,
+        teacher_batch_stats=config.teacher_batch_stats,
+    )
+
+
+def _opt_func(config: CARPConfig):
+    if config.optimizer == "lars":
+        opt = partial(LARS, momentum=config.lars_momentum, weight_decay=config.weight_decay, eta=config.lars_eta)
+    else:
+        opt = partial(torch.optim.AdamW, weight_decay=config.weight_decay)
+    return partial(OptimWrapper, opt=opt)
+
+
+def carp_learner(dls, config: CARPConfig, *, accelerator=None, cbs=None, path: str = ".", progress: bool = True) -> Learner:
+    """A fastai :class:`~fastai.learner.Learner` that trains CARP on ``dls``.
+
+    Args:
+        dls: fastai ``DataLoaders`` whose training batches are
+            ``(crop_0 [N,3,G,G], ..., crop_{V-1} [N,3,L,L], labels [N])`` with the
+            ``config.global_crops`` global crops first (see ``pipelines.crop_dataloaders``).
+        config: the run's settings.
+        accelerator: an ``accelerate.Accelerator``; one is made if None. Its device is used,
+            and with several processes the model is wrapped in DistributedDataParallel.
+        cbs: extra callbacks (e.g. :class:`~carp_fast.callbacks.KNNMonitor`).
+        path: fastai's working directory (``learn.save`` writes under ``path/models``).
+        progress: show :class:`~carp_fast.callbacks.RichProgress`.
+
+    Returns:
+        the Learner; ``learn.fit(epochs)`` trains. Besides fastai's own, its callbacks are
+        GradientAccumulation, the precision callback, ParamScheduler (lr and weight decay),
+        TeacherEMA and CARPStats (``learn.carp_stats.history``).
+    """
+    if accelerator is None:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device, n_proc = accelerator.device, accelerator.num_processes
+    n_acc = config.accumulation_steps(n_proc)
+
+    model = build_model(config)
+    channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
+    if n_proc > 1 and config.sync_bn and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if n_proc > 1:
+        model = accelerator.prepare_model(model)
+    if all(hasattr(dl, "to") for dl in dls.loaders):
+        dls.device = device  # fastai loaders move their batches themselves
+    else:
+        dls._device = device  # plain torch loaders: the Learner moves each batch
+
+    precision = config.precision if config.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    lr = config.peak_lr()
+    final_wd = config.weight_decay if config.final_weight_decay is None else config.final_weight_decay
+    schedules = {"lr": SchedCos(lr, lr * config.final_lr_fraction), "wd": SchedCos(config.weight_decay, final_wd)}
+    callbacks = [
+        TrainEvalCallback(),
+        DeviceRecorder(valid_metrics=len(dls.valid) > 0 if dls.valid is not None else False),
+        GradientAccumulation(n_acc),
+        *precision_callbacks(precision, device),
+        ParamScheduler(schedules),
+        TeacherEMA(config.teacher_momentum),
+        CARPStats(every=config.log_every),
+    ]
+    if progress:
+        callbacks.append(RichProgress(images_per_batch=config.batch_size * n_proc))
+    learn = Learner(
+        dls, model, loss_func=CARPLoss(), opt_func=_opt_func(config), lr=lr,
+        cbs=callbacks + list(cbs or []), path=path, default_cbs=False,
+    )
+    if channels_last:
+        learn.add_cb(_ChannelsLastInputs())
+    if progress:
+        learn.logger = lambda *args: None  # RichProgress prints the epoch lines instead
+    learn.carp_config, learn.accelerator = config, accelerator
+    return learn
+
+
+class _ChannelsLastInputs(Callback):
+    """Converts the crops to channels_last before the forward pass (matches the model)."""
+
+    order = -4
+
+    def before_batch(self):
+        self.learn.xb = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in self.learn.xb)

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny CARP data and configurations that train in seconds on a CPU."""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def crop_dataset(n_images=32, n_global=2, n_local=2, g=16, l=8, n_classes=4, seed=0):
+    """Random crops and labels as a TensorDataset of (g_0, ..., l_{m-1}, labels)."""
+    gen = torch.Generator().manual_seed(seed)
+    views = [torch.randn(n_images, 3, g, g, generator=gen) for _ in range(n_global)]
+    views += [torch.randn(n_images, 3, l, l, generator=gen) for _ in range(n_local)]
+    return TensorDataset(*views, torch.randint(0, n_classes, (n_images,), generator=gen))
+
+
+@pytest.fixture
+def tiny_dls():
+    """fastai DataLoaders over random 2x16 px + 2x8 px crops, batch 8, no validation."""
+    from fastai.data.core import DataLoaders
+
+    train = DataLoader(crop_dataset(), batch_size=8, shuffle=False, drop_last=True)
+    valid = DataLoader(crop_dataset(n_images=0), batch_size=8)
+    return DataLoaders(train, valid)
+
+
+@pytest.fixture
+def tiny_config():
+    from carp_fast.learner import CARPConfig
+
+    return CARPConfig(
+        arch="resnet18_small", n_prototypes=64, block_size=16, hidden_dim=32, embed_dim=16,
+        batch_size=8, global_batch=8, base_lr=0.5, log_every=2, precision="fp32",
+    )

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-from fastai.callback.core import Callback, TrainEvalCallback
+from fastai.callback.core import Callback, CancelEpochException, TrainEvalCallback
 from fastai.callback.schedule import ParamScheduler, SchedCos
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
 
 from .callbacks.accumulation import GradientAccumulation
 from .callbacks.carp_stats import CARPStats
+from .callbacks.epoch_sync import EpochSync
 from .callbacks.precision import PRECISIONS, precision_callbacks
 from .callbacks.progress import RichProgress
 from .callbacks.recorder import DeviceRecorder
@@ -29,8 +30,14 @@ from .lars import LARS
 from .loss import CARPLoss
 from .networks import StudentTeacher
 from .partition import PARTITION_MODES
+from .sync_bn import convert_sync_batchnorm
 
 OPTIMIZERS = ("lars", "adamw")
+
+
+def setting(default, help: str):
+    """A dataclass field with a help text (the command line's ``--help`` shows it)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -38,32 +45,32 @@ class CARPConfig:
     """Settings of a CARP run. Defaults are the paper's ImageNet ResNet-50 multi-crop run."""
 
     # Model
-    arch: str = "resnet50"  # backbone: resnet50 | resnet18_small (28-64 px images)
-    n_prototypes: int = 65536  # K
-    block_size: int = 512  # B prototypes per partition block; B = K is CARL (collapses)
-    partition: str = "random"  # random: new partition every step | fixed: the paper's ablation
-    hidden_dim: int = 2048  # projection head hidden width
-    embed_dim: int = 256  # projection head output width D
-    global_crops: int = 2  # leading crops that the teacher also sees
-    teacher_batch_stats: bool = True  # teacher BatchNorm on batch statistics, as DINO/BYOL
+    arch: str = setting("resnet50", "backbone: resnet50 | resnet18 | resnet18_small (28-64 px images)")
+    n_prototypes: int = setting(65536, "K, the number of prototypes")
+    block_size: int = setting(512, "B prototypes per partition block; B = K is CARL (collapses)")
+    partition: str = setting("random", "random: new partition every step | fixed: the paper's ablation")
+    hidden_dim: int = setting(2048, "projection head hidden width")
+    embed_dim: int = setting(256, "projection head output width D")
+    global_crops: int = setting(2, "leading crops that the teacher also sees")
+    teacher_batch_stats: bool = setting(True, "teacher BatchNorm on batch statistics, as DINO/BYOL")
     # Optimisation
-    optimizer: str = "lars"  # lars (paper) | adamw (better for short, small runs)
-    base_lr: float = 0.6  # per 256 images; 0.6 up to 200 epochs, 0.3 for 400+ (paper)
-    final_lr_fraction: float = 0.01  # cosine decay to base_lr * this (0.6 -> 0.006)
-    weight_decay: float = 1e-6
-    final_weight_decay: float | None = None  # cosine weight decay schedule end; None: constant
-    lars_momentum: float = 0.9
-    lars_eta: float = 0.001
-    batch_size: int = 64  # images per process per micro-batch
-    global_batch: int = 4096  # images per optimizer step; batch_size x processes x accumulation
-    teacher_momentum: float = 0.99  # cosine to 1.0 over the fit
+    optimizer: str = setting("lars", "lars (paper) | adamw (better for short, small runs)")
+    base_lr: float = setting(0.6, "per 256 images; 0.6 up to 200 epochs, 0.3 for 400+ (paper)")
+    final_lr_fraction: float = setting(0.01, "cosine decay to base_lr * this (0.6 -> 0.006)")
+    weight_decay: float = setting(1e-6, "L2 weight decay of >1-d parameters (paper: 1e-6)")
+    final_weight_decay: float | None = setting(None, "cosine weight decay schedule end; None: constant")
+    lars_momentum: float = setting(0.9, "LARS heavy-ball momentum")
+    lars_eta: float = setting(0.001, "LARS trust coefficient")
+    batch_size: int = setting(64, "images per process per micro-batch")
+    global_batch: int = setting(4096, "images per optimizer step; batch_size x processes x accumulation")
+    teacher_momentum: float = setting(0.99, "teacher EMA momentum at the start; cosine to 1.0 over the fit")
     # Speed
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (CUDA) | fp32
-    channels_last: bool | None = None  # None: on for CUDA
-    sync_bn: bool = True  # SyncBatchNorm across processes (CUDA only)
+    precision: str = setting("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (CUDA) | fp32")
+    channels_last: bool | None = setting(None, "channels_last memory format; None: on for CUDA")
+    sync_bn: bool = setting(True, "batch statistics over all processes (torch's SyncBatchNorm on CUDA)")
     # Logging
-    log_every: int = 50  # batches between host syncs for the logged statistics
-    seed: int = 0
+    log_every: int = setting(50, "batches between host syncs for the logged statistics")
+    seed: int = setting(0, "seed of the partitions and of the run")
 
     def __post_init__(self):
         checks = [
@@ -127,6 +134,22 @@ def _opt_func(config: CARPConfig):
     return partial(OptimWrapper, opt=opt)
 
 
+class CARPLearner(Learner):
+    """fastai's Learner, able to start a fit at ``self.first_epoch`` (a resumed run).
+
+    fastai's own ``fit(start_epoch=...)`` cancels the skipped epochs one by one, which still
+    runs every callback's ``after_epoch`` for them (metrics, checkpoints, k-NN); here they
+    are simply not iterated.
+    """
+
+    first_epoch = 0
+
+    def _do_fit(self):
+        for epoch in range(self.first_epoch, self.n_epoch):
+            self.epoch = epoch
+            self._with_events(self._do_epoch, "epoch", CancelEpochException)
+
+
 def carp_learner(dls, config: CARPConfig, *, accelerator=None, cbs=None, path: str = ".", progress: bool = True) -> Learner:
     """A fastai :class:`~fastai.learner.Learner` that trains CARP on ``dls``.
 
@@ -139,10 +162,11 @@ def carp_learner(dls, config: CARPConfig, *, accelerator=None, cbs=None, path: s
             and with several processes the model is wrapped in DistributedDataParallel.
         cbs: extra callbacks (e.g. :class:`~carp_fast.callbacks.KNNMonitor`).
         path: fastai's working directory (``learn.save`` writes under ``path/models``).
-        progress: show :class:`~carp_fast.callbacks.RichProgress`.
+        progress: let :class:`~carp_fast.callbacks.RichProgress` display (it always measures
+            ``learn.images_per_s``).
 
     Returns:
-        the Learner; ``learn.fit(epochs)`` trains. Besides fastai's own, its callbacks are
+        a :class:`CARPLearner`; ``learn.fit(epochs)`` trains. Besides fastai's own, its callbacks are
         GradientAccumulation, the precision callback, ParamScheduler (lr and weight decay),
         TeacherEMA and CARPStats (``learn.carp_stats.history``).
     """
@@ -155,8 +179,8 @@ def carp_learner(dls, config: CARPConfig, *, accelerator=None, cbs=None, path: s
 
     model = build_model(config)
     channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
-    if n_proc > 1 and config.sync_bn and device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if n_proc > 1 and config.sync_bn:
+        model = convert_sync_batchnorm(model, device)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -173,6 +197,7 @@ def carp_learner(dls, config: CARPConfig, *, accelerator=None, cbs=None, path: s
     schedules = {"lr": SchedCos(lr, lr * config.final_lr_fraction), "wd": SchedCos(config.weight_decay, final_wd)}
     callbacks = [
         TrainEvalCallback(),
+        EpochSync(),
         DeviceRecorder(valid_metrics=len(dls.valid) > 0 if dls.valid is not None else False),
         GradientAccumulation(n_acc),
         *precision_callbacks(precision, device),
@@ -180,16 +205,14 @@ def carp_learner(dls, config: CARPConfig, *, accelerator=None, cbs=None, path: s
         TeacherEMA(config.teacher_momentum),
         CARPStats(every=config.log_every),
     ]
-    if progress:
-        callbacks.append(RichProgress(images_per_batch=config.batch_size * n_proc))
-    learn = Learner(
+    callbacks.append(RichProgress(images_per_batch=config.batch_size * n_proc, show=progress))
+    learn = CARPLearner(
         dls, model, loss_func=CARPLoss(), opt_func=_opt_func(config), lr=lr,
         cbs=callbacks + list(cbs or []), path=path, default_cbs=False,
     )
     if channels_last:
         learn.add_cb(_ChannelsLastInputs())
-    if progress:
-        learn.logger = lambda *args: None  # RichProgress prints the epoch lines instead
+    learn.logger = lambda *args: None  # RichProgress prints the epoch lines instead
     learn.carp_config, learn.accelerator = config, accelerator
     return learn
 

@@ -31,7 +31,8 @@ def _worker(rank, port, queue):
         teacher = [x[rows].clone() for x in teacher]
         parts = carp_loss(student, teacher, partition)
         parts.total.backward()
-        queue.put((rank, partition, [p.detach() for p in parts], [x.grad for x in student]))
+        # numpy: sent by value, so the tensors outlive this process
+        queue.put((rank, partition.numpy(), [p.detach().numpy() for p in parts], [x.grad.numpy() for x in student]))
     finally:
         dist.destroy_process_group()
 
@@ -45,7 +46,10 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch():
     procs = [ctx.Process(target=_worker, args=(rank, port, queue)) for rank in range(WORLD)]
     for p in procs:
         p.start()
-    results = dict((r[0], r[1:]) for r in (queue.get(timeout=120) for _ in range(WORLD)))
+    results = {}
+    for _ in range(WORLD):
+        rank, partition, parts, grads = queue.get(timeout=120)
+        results[rank] = (torch.from_numpy(partition), [torch.tensor(p) for p in parts], [torch.from_numpy(g) for g in grads])
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0

@@ -1,14 +1,18 @@
 """fastai callbacks for CARP; each works in any Learner whose model has the named parts."""
 
 from .accumulation import GradientAccumulation
-from .carp_stats import CARPStats, CollapseWarning, assignment_stats
+from .epoch_sync import EpochSync
+from .carp_stats import CARPStats, CollapseWarning, NonFiniteLossError, assignment_stats
 from .knn_monitor import KNNMonitor
 from .precision import Autocast, precision_callbacks
 from .progress import RichProgress
 from .recorder import DeviceRecorder
+from .metrics_logger import MetricsLogger
+from .checkpointer import Checkpointer
+from .time_budget import TimeBudget
 from .teacher_ema import TeacherEMA, ema_update, teacher_momentum
 
 __all__ = [
-    "Autocast", "CARPStats", "CollapseWarning", "DeviceRecorder", "GradientAccumulation", "KNNMonitor",
+    "Autocast", "CARPStats", "Checkpointer", "MetricsLogger", "TimeBudget", "CollapseWarning", "DeviceRecorder", "EpochSync", "GradientAccumulation", "KNNMonitor", "NonFiniteLossError",
     "RichProgress", "TeacherEMA", "assignment_stats", "ema_update", "precision_callbacks", "teacher_momentum",
 ]

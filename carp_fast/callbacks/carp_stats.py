@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 from fastai.callback.core import Callback
 
 from .teacher_ema import TeacherEMA
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; raised at the next logging step, naming the step."""
 
 
 class CollapseWarning(UserWarning):
@@ -48,13 +53,14 @@ def assignment_stats(student, teacher, partition, n_prototypes: int) -> torch.Te
 class CARPStats(Callback):
     """Logs loss, consistency, entropy, lr, teacher momentum, agreement and prototype usage.
 
-    Loss terms are summed on the device every batch; every ``every`` training batches (and
-    at the end of each epoch) the means and the current batch's assignment statistics
-    reach the host in one transfer and are appended to ``self.history`` (a list of dicts)
+    Loss terms stay on the device every batch; every ``every`` training batches (and at the
+    end of each epoch) their means, the current batch's assignment statistics and the
+    interval's losses reach the host in one transfer and are appended to ``self.history`` (a list of dicts)
     and stored in ``learn.carp_log``. Expects ``learn.loss_func`` to be a
     :class:`carp_fast.loss.CARPLoss` and ``learn.pred`` a :class:`carp_fast.networks.CARPOutput`.
 
-    A :class:`CollapseWarning` is raised (and printed in red) when the perplexity of the
+    A NaN or infinite loss raises :class:`NonFiniteLossError` naming the first bad step
+    (before any checkpoint of that epoch is written). A :class:`CollapseWarning` is raised (and printed in red) when the perplexity of the
     teacher's assignments falls below ``collapse_fraction * min(K, assignments)`` (at least
     2): every view then lands on a handful of prototypes.
     """
@@ -70,35 +76,49 @@ class CARPStats(Callback):
 
     def before_fit(self):
         "Start a fresh history."
-        self.history, self._sum, self._count = [], None, 0
+        self.history, self._terms = [], []
 
     def after_batch(self):
-        "Accumulate the loss terms on the device; log every `every` batches."
+        "Keep the loss terms on the device; log every `every` batches."
         parts = self.learn.loss_func.parts
         if parts is None:
             return
-        terms = torch.stack([parts.total, parts.consistency, parts.entropy]).float()
-        self._sum = terms if self._sum is None else self._sum + terms
-        self._count += 1
+        self._terms.append(torch.stack([parts.total, parts.consistency, parts.entropy]).float())  # [3]
         if self.learn.train_iter % self.every == 0:
             self._log()
 
     def after_train(self):
-        "Log what is left of the epoch."
-        if self._count:
+        "Log what is left of the epoch; summarise the epoch in `learn.carp_epoch`."
+        if self._terms:
             self._log()
+        records = [r for r in self.history if r["epoch"] == self.learn.epoch]
+        if records:
+            n = sum(r["batches"] for r in records)
+            summary = {k: sum(r[k] * r["batches"] for r in records) / n for k in ("loss", "consistency", "entropy", "agreement")}
+            last = records[-1]
+            summary.update({k: last[k] for k in ("step", "lr", "momentum", "prototypes_hit", "perplexity")})
+            self.learn.carp_epoch = summary
 
     def _log(self):
         pred = self.learn.pred
         n_prototypes = getattr(self.learn.model, "module", self.learn.model).student.prototypes.n_prototypes
         stats = assignment_stats(pred.student, pred.teacher, pred.partition, n_prototypes)
-        values = torch.cat([self._sum / self._count, stats]).tolist()  # the one host sync
-        record = dict(epoch=self.learn.epoch, step=self.learn.train_iter, **dict(zip(self.KEYS, values)))
+        terms = torch.stack(self._terms)  # [n_batches, 3]
+        values = torch.cat([terms.mean(0), stats, terms[:, 0]]).tolist()  # the one host sync
+        totals, first_step = values[6:], self.learn.train_iter - len(self._terms) + 1
+        self._terms = []
+        bad = [i for i, v in enumerate(totals) if not math.isfinite(v)]
+        if bad:
+            raise NonFiniteLossError(
+                f"the CARP loss is {totals[bad[0]]} at step {first_step + bad[0]} (epoch {self.learn.epoch}); "
+                "training stopped, the last checkpoint is the last good state. Lower the learning rate, "
+                "use bf16 instead of fp16, or check the data."
+            )
+        record = dict(epoch=self.learn.epoch, step=self.learn.train_iter, batches=len(totals), **dict(zip(self.KEYS, values[:6])))
         record["lr"] = self.learn.opt.hypers[-1]["lr"]
         record["momentum"] = getattr(self.learn, "teacher_momentum", float("nan"))
         self.history.append(record)
         self.learn.carp_log = record
-        self._sum, self._count = None, 0
         self._check_collapse(record, pred)
 
     def _check_collapse(self, record, pred):

@@ -19,18 +19,19 @@ class RichProgress(Callback):
     Args:
         images_per_batch: images of one training batch over all processes (for images/s).
         live: force the bar on (True) or off (False); default: on when stdout is a terminal.
+        show: False prints nothing (``learn.images_per_s`` is still measured).
     """
 
     order, run_valid = 65, False
 
-    def __init__(self, images_per_batch: int, live: bool | None = None):
-        self.images_per_batch, self.live = images_per_batch, live
+    def __init__(self, images_per_batch: int, live: bool | None = None, show: bool = True):
+        self.images_per_batch, self.live, self.show = images_per_batch, live, show
 
     def before_fit(self):
         "Start the bar (main process only)."
         from accelerate.state import PartialState
 
-        self.enabled = PartialState().is_main_process
+        self.enabled = self.show and PartialState().is_main_process
         self.live_now = sys.stdout.isatty() if self.live is None else self.live
         self._progress = None
         if self.enabled and self.live_now:

@@ -1,0 +1,80 @@
+"""metrics.jsonl (one JSON object per epoch) and TensorBoard scalars, on the main process."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from fastai.callback.core import Callback
+
+
+class MetricsLogger(Callback):
+    """Writes one line per epoch to ``out/metrics.jsonl`` and curves to TensorBoard.
+
+    Each line holds epoch, step, loss, consistency, entropy, agreement, lr, momentum,
+    prototypes_hit, perplexity, images_per_s, seconds, and knn_top1/knn_top5 in epochs
+    where :class:`~carp_fast.callbacks.KNNMonitor` ran. TensorBoard (``out/tensorboard``)
+    gets every interval logged by :class:`~carp_fast.callbacks.CARPStats` against the step.
+
+    A resumed run (``learn.first_epoch`` > 0) drops the lines of that epoch or later, which a
+    killed run wrote after its last checkpoint, so no epoch appears twice or goes missing.
+
+    Args:
+        out: the run directory.
+        tensorboard: also write TensorBoard events to ``out/tensorboard``.
+    """
+
+    order, run_valid = 70, False  # after KNNMonitor, the Recorder and RichProgress
+
+    def __init__(self, out, tensorboard: bool = True):
+        self.file, self.tensorboard = Path(out) / "metrics.jsonl", tensorboard
+
+    def before_fit(self):
+        "Open the outputs (main process only)."
+        from accelerate.state import PartialState
+
+        self.enabled = PartialState().is_main_process
+        if not self.enabled:
+            return
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if self.file.exists():
+            kept = [line for line in self.file.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] < getattr(self.learn, "first_epoch", 0)]
+        self.file.write_text("".join(line + "\n" for line in kept))
+        self.writer, self._logged = None, 0
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a killed run wrote after its last checkpoint.
+            self.writer = SummaryWriter(str(self.file.parent / "tensorboard"), purge_step=self.learn.train_iter or None)
+        self._start = time.perf_counter()
+
+    def after_epoch(self):
+        "Append the epoch's line; send the new intervals to TensorBoard."
+        if not self.enabled:
+            return
+        record = {"epoch": self.learn.epoch, **getattr(self.learn, "carp_epoch", {})}
+        record["images_per_s"] = getattr(self.learn, "images_per_s", None)
+        record["seconds"] = time.perf_counter() - self._start
+        knn = getattr(self.learn, "knn_monitor", None)
+        if knn is not None and knn.history and knn.history[-1]["epoch"] == self.learn.epoch:
+            record.update(knn_top1=knn.history[-1]["knn_top1"], knn_top5=knn.history[-1]["knn_top5"])
+        with self.file.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            stats = getattr(self.learn, "carp_stats", None)
+            for r in (stats.history[self._logged:] if stats is not None else []):
+                for k, v in r.items():
+                    if k not in ("epoch", "step", "batches"):
+                        self.writer.add_scalar(f"train/{k}", v, r["step"])
+            self._logged = len(stats.history) if stats is not None else 0
+            for k in ("images_per_s", "knn_top1", "knn_top5"):
+                if record.get(k) is not None:
+                    self.writer.add_scalar(f"epoch/{k}", record[k], record.get("step", self.learn.train_iter))
+            self.writer.flush()
+
+    def after_fit(self):
+        "Close TensorBoard."
+        if getattr(self, "writer", None) is not None:
+            self.writer.close()

@@ -1,0 +1,254 @@
+"""Where images come from: image folders, file lists and in-memory uint8 arrays.
+
+A source is a random-access list of N images with labels (`-1` when unlabelled). It
+does the I/O and nothing else; augmentation happens in the pipelines. Two kinds:
+
+- encoded sources (`ImageFolderSource`, `FileListSource`): `encoded(i)` returns the
+  file's bytes, decoded later by DALI or torchvision. Files are checked once by a
+  pre-flight scan (`scan.py`) on first use; broken ones are skipped with a warning, or
+  rejected with `check(strict=True)`.
+- array sources (`ArraySource`): `arrays(idx)` returns decoded `[B, H, W, 3]` uint8.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pipelines.scan import ScanResult, report_bad, scan_files, to_rgb_png
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+
+
+class EncodedSource:
+    """Base of file-backed sources: candidate files, labels, lazy pre-flight scan."""
+
+    is_encoded = True
+
+    def __init__(self, files: list[str], labels: np.ndarray, num_classes: int, where: str,
+                 empty_classes: list[str] | None = None) -> None:
+        self._candidates = files
+        self._candidate_labels = labels.astype(np.int64)
+        self.num_classes = num_classes
+        self.where = where
+        self.empty_classes = empty_classes or []
+        self._scan: ScanResult | None = None
+        self._reported = False
+
+    def check(self, strict: bool = False) -> "EncodedSource":
+        """Scan the files once; warn about (or, strict, raise on) unusable ones."""
+        if self._scan is None:
+            self._scan = scan_files(self._candidates)
+            keep = self._scan.keep
+            self.files = [f for f, k in zip(self._candidates, keep) if k]
+            self.labels = self._candidate_labels[keep]
+            self._convert = self._scan.convert[keep]
+        if strict:
+            report_bad(self._scan.bad, self.empty_classes, self.where, strict=True)
+        elif not self._reported:
+            report_bad(self._scan.bad, self.empty_classes, self.where, strict=False)
+            self._reported = True
+        if not self.files:
+            raise ValueError(f"no usable images in {self.where}: all {len(self._candidates)} file(s) are broken")
+        return self
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """(path, reason) of the files the scan rejected."""
+        self.check()
+        return self._scan.bad
+
+    def __len__(self) -> int:
+        self.check()
+        return len(self.files)
+
+    def __getattr__(self, name: str):
+        # `files`, `labels` and `_convert` exist once scanned: scan on first access.
+        if name in ("files", "labels", "_convert"):
+            self.check()
+            return self.__dict__[name]
+        raise AttributeError(name)
+
+    def encoded(self, i: int) -> np.ndarray:
+        """The bytes of image i, `[nbytes]` uint8, in a format every decoder reads as RGB."""
+        if self._convert[i]:
+            return to_rgb_png(self.files[i])
+        return np.fromfile(self.files[i], dtype=np.uint8)
+
+    def name(self, i: int) -> str:
+        return self.files[i]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.where!r})"
+
+
+class ImageFolderSource(EncodedSource):
+    """ImageNet layout: `root/<class>/<image>`; classes are the sorted sub-folder names.
+
+    Every non-hidden file in a class folder is a candidate image (a stray non-image is
+    reported by the scan rather than silently ignored). Empty class folders keep their
+    class index, so label numbering matches torchvision's `ImageFolder`.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a directory")
+        self.root = root
+        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not self.classes:
+            raise ValueError(f"image folder {str(root)!r} has no class sub-folders (expected root/<class>/<image>)")
+        files, labels, empty = [], [], []
+        for label, cls in enumerate(self.classes):
+            names = sorted(p for p in (root / cls).rglob("*") if p.is_file() and not p.name.startswith("."))
+            if not names:
+                empty.append(cls)
+            files += [str(p) for p in names]
+            labels += [label] * len(names)
+        if not files:
+            raise ValueError(f"image folder {str(root)!r} holds no files in its {len(self.classes)} class folder(s)")
+        super().__init__(files, np.array(labels), len(self.classes), str(root), empty)
+
+
+class FileListSource(EncodedSource):
+    """A list of images with labels: a text file of lines `path label` or a Python list.
+
+    Relative paths in a text file are relative to the file's folder (or `root`). The label
+    is optional (`-1` when absent). Entries may be `"path label"` strings or
+    `(path, label)` pairs. `num_classes` is `max(label) + 1` (0 when unlabelled).
+    """
+
+    def __init__(self, path_or_list: str | os.PathLike | Sequence, root: str | os.PathLike | None = None) -> None:
+        if isinstance(path_or_list, (str, os.PathLike)):
+            list_path = Path(path_or_list)
+            if not list_path.is_file():
+                raise FileNotFoundError(f"file list {str(list_path)!r} does not exist")
+            entries = [ln for ln in list_path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+            base = Path(root) if root is not None else list_path.parent
+            where = str(list_path)
+        else:
+            entries, base, where = list(path_or_list), Path(root or "."), "the given file list"
+        files, labels = [], []
+        for entry in entries:
+            path, label = self._parse(entry)
+            p = Path(path)
+            files.append(str(p if p.is_absolute() else base / p))
+            labels.append(label)
+        if not files:
+            raise ValueError(f"file list {where!r} is empty")
+        missing = [f for f in files if not os.path.exists(f)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} file(s) of {where!r} do not exist, e.g. {missing[:3]}")
+        labels = np.array(labels, dtype=np.int64)
+        super().__init__(files, labels, int(labels.max()) + 1 if (labels >= 0).any() else 0, where)
+
+    @staticmethod
+    def _parse(entry) -> tuple[str, int]:
+        if isinstance(entry, str):
+            parts = entry.rsplit(maxsplit=1)
+            if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+                return parts[0], int(parts[1])
+            return entry.strip(), -1
+        path, label = entry
+        return str(path), int(label)
+
+
+class ArraySource:
+    """In-memory images: `images` [N, H, W] (grayscale) or [N, H, W, 3] uint8, `labels` [N] int.
+
+    Grayscale images are replicated to 3 channels when read, so one network serves all
+    data sets.
+    """
+
+    is_encoded = False
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, num_classes: int | None = None) -> None:
+        images = np.asarray(images)
+        if images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8, got {images.dtype}")
+        if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
+            raise ValueError(f"images must be [N, H, W] or [N, H, W, 3], got shape {images.shape}")
+        if len(images) == 0:
+            raise ValueError("images is empty (N = 0)")
+        labels = np.full(len(images), -1, np.int64) if labels is None else np.asarray(labels).astype(np.int64)
+        if labels.shape != (len(images),):
+            raise ValueError(f"labels must be [N] = [{len(images)}], got shape {labels.shape}")
+        self.images, self.labels = images, labels
+        self.num_classes = num_classes if num_classes is not None else (int(labels.max()) + 1 if (labels >= 0).any() else 0)
+        self.where = f"an array of {len(images)} images"
+
+    def check(self, strict: bool = False) -> "ArraySource":
+        """Arrays are validated at construction; nothing to scan."""
+        return self
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def arrays(self, idx: np.ndarray) -> np.ndarray:
+        """Images `idx` as [B, H, W, 3] uint8 (grayscale replicated)."""
+        batch = self.images[idx]
+        if batch.ndim == 3:
+            batch = np.repeat(batch[..., None], 3, axis=-1)
+        return np.ascontiguousarray(batch)
+
+    def name(self, i: int) -> str:
+        return f"array image {i}"
+
+    def __repr__(self) -> str:
+        return f"ArraySource({self.images.shape}, num_classes={self.num_classes})"
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an idx file (MNIST format, optionally .gz) into a uint8 array."""
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = None) -> ArraySource:
+    """Fashion-MNIST (60k train / 10k test 28 x 28 grayscale, 10 classes) as an `ArraySource`.
+
+    Looks for the idx files (`train-images-idx3-ubyte[.gz]` ...) in `root`, then in
+    `/usr/share/datasets/fashion-mnist` (Debian `dataset-fashion-mnist`), then asks
+    torchvision to download them (needs a network).
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    prefix = "train" if split == "train" else "t10k"
+    tried = []
+    for folder in ([Path(root)] if root is not None else []) + [Path(FASHION_MNIST_ROOT)]:
+        for suffix in (".gz", ""):
+            img = folder / f"{prefix}-images-idx3-ubyte{suffix}"
+            lab = folder / f"{prefix}-labels-idx1-ubyte{suffix}"
+            if img.is_file() and lab.is_file():
+                return ArraySource(_read_idx(img), _read_idx(lab), num_classes=10)
+        tried.append(str(folder))
+    try:
+        from torchvision.datasets import FashionMNIST
+
+        cache = Path(root) if root is not None else Path.home() / ".cache" / "carp_fast"
+        ds = FashionMNIST(str(cache), train=split == "train", download=True)
+        return ArraySource(ds.data.numpy(), ds.targets.numpy(), num_classes=10)
+    except Exception as e:
+        raise FileNotFoundError(
+            f"Fashion-MNIST {split} not found. Tried: idx files in {tried}, and torchvision's download "
+            f"({type(e).__name__}: {e}). Fix one of: (1) pass root= a folder holding "
+            f"{prefix}-images-idx3-ubyte.gz and {prefix}-labels-idx1-ubyte.gz; (2) `apt-get install "
+            f"dataset-fashion-mnist` (installs into {FASHION_MNIST_ROOT}); (3) run once with a network so "
+            "torchvision can download it."
+        ) from e
+
+
+def as_source(obj) -> EncodedSource | ArraySource:
+    """Accept a source, or a path to an image folder (ImageNet layout)."""
+    if isinstance(obj, (EncodedSource, ArraySource)):
+        return obj
+    if isinstance(obj, (str, os.PathLike)):
+        return ImageFolderSource(obj)
+    raise ValueError(f"source must be an ImageFolderSource, FileListSource, ArraySource or a folder path, got {type(obj).__name__}")

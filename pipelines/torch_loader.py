@@ -1,0 +1,85 @@
+"""torchvision backend: a map-style dataset + torch DataLoader with workers.
+
+Used where DALI is not installed, and as the reference the DALI path is compared with.
+Each sample's augmentations are seeded from (seed, shard, epoch, index), so a batch is
+reproducible whatever the number of workers. Decoding is torchvision's libjpeg-turbo
+(`decode_image`) on the bytes the source returns; each image is decoded once and every
+crop is cut from the decoded tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+from torchvision.io import ImageReadMode, decode_image
+
+from pipelines.augment import MultiCropConfig
+from pipelines.epoch_loader import EpochLoader
+from pipelines.sharding import augment_seed, batches
+from pipelines.torch_augment import crop_transform, eval_transform
+
+
+def read_image(source, i: int) -> torch.Tensor:
+    """Image i of `source` as uint8 [3, H, W]."""
+    if source.is_encoded:
+        try:
+            return decode_image(torch.from_numpy(source.encoded(i)), mode=ImageReadMode.RGB)
+        except RuntimeError as e:
+            raise RuntimeError(f"could not decode {source.name(i)}: {e}") from e
+    return torch.from_numpy(source.arrays(np.array([i]))[0]).permute(2, 0, 1)
+
+
+class _ViewsDataset(Dataset):
+    """Item `(index, sample_seed)` -> `(*views, label)`; one transform per view."""
+
+    def __init__(self, source, transforms: list[Callable]) -> None:
+        self.source, self.transforms = source, transforms
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, sample_seed = item
+        image = read_image(self.source, index)
+        # fork_rng: seeding must not disturb the caller's RNG when workers=0.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            views = [t(image) for t in self.transforms]
+        return (*views, torch.tensor(self.source.labels[index], dtype=torch.int64))
+
+
+class TorchvisionLoader(EpochLoader):
+    """Pretraining (multi-crop) or evaluation loader on torchvision + torch DataLoader."""
+
+    backend = "torchvision"
+
+    def __init__(self, source, *, transforms: list[Callable], workers: int, **kw) -> None:
+        super().__init__(source, n_views=len(transforms), **kw)
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.workers = workers
+        self._dataset = _ViewsDataset(source, transforms)
+
+    def _produce(self, order: np.ndarray, epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        base = augment_seed(self.seed, self.shard_id, epoch)
+        # torch's CPU generator keeps only 32 bits of a seed: mix (base, index) into 32 bits,
+        # a bijection over the indices of one epoch (odd multiplier mod 2**32).
+        items = [[(int(i), (base + int(i) * 0x9E3779B1) & 0xFFFFFFFF) for i in b] for b in batches(order, self.bs)]
+        loader = DataLoader(self._dataset, batch_sampler=items, num_workers=self.workers,
+                            collate_fn=default_collate, pin_memory=self.device.type == "cuda",
+                            prefetch_factor=4 if self.workers else None)
+        for batch in loader:
+            yield tuple(batch)
+
+
+def torchvision_pretrain_loader(source, crops: MultiCropConfig, *, workers: int, **kw) -> TorchvisionLoader:
+    transforms = [crop_transform(spec, crops.mean, crops.std) for spec in crops.crop_specs()]
+    return TorchvisionLoader(source, transforms=transforms, workers=workers, train=True, mean=crops.mean, std=crops.std, **kw)
+
+
+def torchvision_eval_loader(source, *, size: int, resize: int | None, mean, std, workers: int, **kw) -> TorchvisionLoader:
+    return TorchvisionLoader(source, transforms=[eval_transform(size, resize, mean, std)], workers=workers,
+                             train=False, seed=0, mean=mean, std=std, **kw)

@@ -1,0 +1,102 @@
+"""Bad input: broken files skipped with one warning (or one strict error), odd formats converted."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import ImageFolderSource, MultiCropConfig, eval_loader, pretrain_loader
+from pipelines.make_jpeg_folder import natural_image
+
+CROPS = MultiCropConfig(global_size=24, local_size=12, local_crops=1)
+BROKEN = ["truncated.jpg", "zero.jpg", "notes.jpg"]
+
+
+@pytest.fixture()
+def messy(tmp_path):
+    """Class a: 2 good RGB JPEGs, grayscale JPEG, CMYK JPEG, RGBA PNG and 3 broken files;
+    class b: 3 good JPEGs; class c: empty. 8 usable images."""
+    rng = np.random.default_rng(0)
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b, tmp_path / "c"):
+        folder.mkdir()
+    for i in range(2):
+        Image.fromarray(natural_image(rng, 40, 48)).save(a / f"good{i}.jpg")
+    for i in range(3):
+        Image.fromarray(natural_image(rng, 40, 48)).save(b / f"good{i}.jpg")
+    rgb = Image.fromarray(natural_image(rng, 40, 48))
+    rgb.convert("L").save(a / "gray.jpg")
+    rgb.convert("CMYK").save(a / "cmyk.jpg")
+    rgb.convert("RGBA").save(a / "rgba.png")
+    data = (a / "good0.jpg").read_bytes()
+    (a / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (a / "zero.jpg").write_bytes(b"")
+    (a / "notes.jpg").write_text("not an image\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+def test_good_images_used_broken_skipped_with_one_warning(messy, backend):
+    with pytest.warns(UserWarning) as record:
+        loader = eval_loader(ImageFolderSource(messy), size=24, resize=32, batch_size=3, backend=backend)
+    ours = [w for w in record if "unusable" in str(w.message)]
+    assert len(ours) == 1
+    message = str(ours[0].message)
+    assert "3 unusable file(s)" in message and all(name in message for name in BROKEN)
+    assert "empty file" in message and "not a readable image" in message
+    assert "c" in message.split("without images:")[1]  # the empty class folder is named
+    images = torch.cat([x for x, _ in loader])
+    labels = torch.cat([y for _, y in loader])
+    assert images.shape == (8, 3, 24, 24) and torch.isfinite(images).all()
+    assert labels.tolist() == [0] * 5 + [1] * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same source warns once, not per loader
+        train = pretrain_loader(loader.source, CROPS, batch_size=4, backend=backend)
+    assert sum(len(b[-1]) for b in train) == 8
+
+
+def test_converted_images_match_pil_rgb(messy):
+    src = ImageFolderSource(messy)
+    with pytest.warns(UserWarning):
+        files = src.files
+    images = torch.cat([x for x, _ in eval_loader(src, size=40, resize=None, batch_size=8, backend="dali")])
+    mean = torch.tensor(CROPS.mean).view(3, 1, 1)
+    std = torch.tensor(CROPS.std).view(3, 1, 1)
+    for name in ("cmyk.jpg", "gray.jpg", "rgba.png"):
+        i = [f.split("/")[-1] for f in files].index(name)
+        pil = torch.from_numpy(np.array(Image.open(files[i]).convert("RGB"))).permute(2, 0, 1)[:, :, 4:44]
+        torch.testing.assert_close(images[i], (pil / 255 - mean) / std, rtol=0, atol=1e-5)
+
+
+def test_strict_raises_one_clear_error_before_training(messy):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # strict: an error, not a warning first
+        with pytest.raises(ValueError, match="3 unusable file") as err:
+            pretrain_loader(ImageFolderSource(messy), CROPS, batch_size=2, backend="dali", strict=True)
+    assert all(name in str(err.value) for name in BROKEN) and "strict=False" in str(err.value)
+
+
+def test_all_broken_is_an_error(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jpg").write_bytes(b"")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="no usable images"):
+        eval_loader(ImageFolderSource(tmp_path), size=8, batch_size=2)
+
+
+def test_missing_path_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing_dir"):
+        pretrain_loader(str(tmp_path / "missing_dir"), CROPS, batch_size=2)
+
+
+def test_decoder_failure_names_the_files(messy, monkeypatch):
+    """A file that passes the scan but fails in DALI: the error names it, no hang."""
+    src = ImageFolderSource(messy)
+    with pytest.warns(UserWarning):
+        src.check()
+    good = src.encoded
+    monkeypatch.setattr(src, "encoded", lambda i: np.frombuffer(b"garbage!", np.uint8) if i == 1 else good(i))
+    loader = eval_loader(src, size=24, resize=32, batch_size=4, backend="dali")
+    with pytest.raises(RuntimeError, match="gray.jpg"):
+        list(loader)

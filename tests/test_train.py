@@ -1,0 +1,175 @@
+"""Runs through carp_fast.train: outputs, resume after kill -9, bad input, export, CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from carp_fast.learner import CARPConfig
+from carp_fast.train import TrainSettings, build_parser, parse, train
+
+REPO = Path(__file__).resolve().parents[1]
+# A Fashion-MNIST run of a few seconds per epoch on 2 CPU cores.
+SMALL = [
+    "--arch", "resnet10_tiny", "--n-prototypes", "128", "--block-size", "16", "--hidden-dim", "64", "--embed-dim", "32",
+    "--batch-size", "64", "--global-batch", "64", "--train-images", "384", "--knn-bank", "600", "--knn-queries", "300",
+    "--knn-every", "1", "--workers", "1", "--log-every", "2", "--precision", "fp32", "--no-progress",
+]
+
+
+def fashion_recipe():
+    import runpy
+
+    return runpy.run_path(str(REPO / "recipes" / "fashion_mnist.py"), run_name="recipe")["SETTINGS"]
+
+
+def run_cli(out, *extra):
+    settings, config = parse([*SMALL, "--out", str(out), *extra], fashion_recipe())
+    return train(settings, config)
+
+
+def test_run_writes_metrics_tensorboard_checkpoint_and_export(tmp_path):
+    summary = run_cli(tmp_path, "--epochs", "2", "--knn-random-init")
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [0, 1]
+    for r in lines:
+        assert {"epoch", "step", "loss", "consistency", "entropy", "lr", "momentum", "images_per_s", "knn_top1"} <= set(r)
+        assert r["loss"] == pytest.approx(r["consistency"] + r["entropy"], rel=1e-5)
+    assert lines[1]["step"] == 2 * (384 // 64)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    state = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    assert state["epoch"] == 2 and state["train_iter"] == 12 and "opt" in state and "rng" in state
+    assert state["settings"]["arch"] == "resnet10_tiny"
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["knn_top1"] == lines[-1]["knn_top1"] and "knn_top1_random_init" in saved
+    assert summary["epochs_run"] == 2
+
+    from carp_fast.backbones import build_backbone
+
+    backbone = build_backbone("resnet10_tiny")
+    backbone.load_state_dict(torch.load(tmp_path / "backbone_teacher.pth", weights_only=True))  # strict
+    teacher = {k.removeprefix("teacher.backbone."): v for k, v in state["model"].items() if k.startswith("teacher.backbone.")}
+    assert all(torch.equal(v, teacher[k]) for k, v in backbone.state_dict().items())
+
+
+def test_resnet50_export_loads_into_torchvision(tmp_path):
+    import torchvision
+
+    from carp_fast.export import export_backbone
+    from carp_fast.networks import StudentTeacher
+
+    model = StudentTeacher("resnet50", n_prototypes=32, block_size=8, hidden_dim=16, embed_dim=8)
+    export_backbone(model, tmp_path / "b.pth", arch="resnet50")
+    missing, unexpected = torchvision.models.resnet50().load_state_dict(torch.load(tmp_path / "b.pth"), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+
+
+def _launch(out, epochs):
+    cmd = [sys.executable, str(REPO / "recipes" / "fashion_mnist.py"), *SMALL, "--knn-every", "0", "--out", str(out), "--epochs", str(epochs)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_ends_with_the_same_weights(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert _launch(full, 3).wait(timeout=600) == 0
+
+    proc = _launch(killed, 3)
+    deadline = time.time() + 600
+    while not (killed / "checkpoint.pth").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(killed / "checkpoint.pth", weights_only=False)["epoch"] == 1, "killed too late to test a resume"
+
+    resumed = subprocess.run([sys.executable, str(REPO / "recipes" / "fashion_mnist.py"), *SMALL, "--knn-every", "0",
+                              "--out", str(killed), "--epochs", "3", "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(full / "checkpoint.pth", weights_only=False)
+    b = torch.load(killed / "checkpoint.pth", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 3 and a["train_iter"] == b["train_iter"]
+    for key, value in a["model"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, b["model"][key]), key
+    epochs = [json.loads(line)["epoch"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2]
+    losses = lambda run: [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert losses(full) == losses(killed)
+
+
+# bad input: each a clear error before the first step ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra,error,match",
+    [
+        (["--data", "/no/such/folder"], FileNotFoundError, "/no/such/folder"),
+        (["--train-images", "32"], ValueError, "fewer than one global batch"),
+        (["--global-batch", "100"], ValueError, "global_batch=100"),
+        (["--block-size", "256"], ValueError, "block_size"),
+        (["--base-lr", "-0.1"], ValueError, "base_lr"),
+        (["--epochs", "0"], ValueError, "--epochs"),
+        (["--resume"], FileNotFoundError, "no checkpoint"),
+    ],
+)
+def test_bad_input_is_a_clear_error(tmp_path, extra, error, match):
+    with pytest.raises(error, match=match):
+        run_cli(tmp_path, "--epochs", "1", *extra)
+    assert not (tmp_path / "checkpoint.pth").exists()
+
+
+def test_resume_with_another_configuration_is_refused(tmp_path):
+    from carp_fast.checkpoint import save_checkpoint
+
+    settings, config = parse([*SMALL, "--out", str(tmp_path)], fashion_recipe())
+    other = {**settings.__dict__, **config.to_dict(), "block_size": 32}
+
+    class FakeLearn:  # the minimum save_checkpoint reads
+        model = torch.nn.Linear(1, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        train_iter = 0
+
+    save_checkpoint(FakeLearn(), tmp_path / "checkpoint.pth", next_epoch=1, settings=other)
+    with pytest.raises(ValueError, match="block_size: checkpoint 32 vs now 16"):
+        run_cli(tmp_path, "--epochs", "2", "--resume")
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_dls, tiny_config, tmp_path):
+    from fastai.callback.core import Callback
+
+    from carp_fast.callbacks import Checkpointer, NonFiniteLossError
+    from carp_fast.learner import carp_learner
+
+    class PoisonStep(Callback):
+        def after_pred(self):
+            if self.learn.train_iter == 6:  # the 7th step: epoch 1, step 3 of 4
+                self.learn.pred = self.learn.pred._replace(student=self.learn.pred.student * float("nan"))
+
+    learn = carp_learner(tiny_dls, tiny_config, cbs=[Checkpointer(tmp_path, {}), PoisonStep()], progress=False)
+    with pytest.raises(NonFiniteLossError, match="step 7 \\(epoch 1\\)"):
+        learn.fit(3)
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=False)["epoch"] == 1
+
+
+def test_help_lists_every_setting_with_its_default(capsys):
+    parser = build_parser(fashion_recipe())
+    text = parser.format_help()
+    for option in ("--batch-size", "--block-size", "--n-prototypes", "--epochs", "--minutes", "--resume", "--no-sync-bn", "--local-crops"):
+        assert option in text
+    assert "(default: 1024)" in text  # the recipe's K, not CARPConfig's
+    with pytest.raises(ValueError, match="unknown settings"):
+        build_parser({"batch_sise": 3})
+
+
+def test_console_command_help():
+    out = subprocess.run([sys.executable, "-m", "carp_fast.cli", "train", "--help"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "--global-batch" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "carp_fast.cli"], capture_output=True, text=True, timeout=300)
+    assert "bench-data" in out.stdout and "eval" in out.stdout

@@ -1,0 +1,47 @@
+"""Evaluation protocols on frozen features (CARP paper section 5, appendix D).
+
+One protocol per module: :mod:`.knn` (weighted k-NN), :mod:`.kmeans`, :mod:`.linear`
+(linear probe), :mod:`.fewshot`, :mod:`.retrieval` (revisited Oxford/Paris mAP and copy
+detection), :mod:`.features` (extraction and cache), :mod:`.checkpoints` (loading
+backbones), :mod:`.cli` (``carp-fast eval ...``).
+
+Importing this package is cheap: only the k-NN module (torch) is imported eagerly;
+the other names load on first access, so faiss, scikit-learn and rich are imported only
+by the protocols that need them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .knn import KNNResult, knn_accuracies, knn_accuracy, knn_classify
+
+# name -> submodule that defines it; imported on first attribute access (PEP 562).
+_LAZY = {
+    "load_backbone": "checkpoints",
+    "backbone_state_dict": "checkpoints",
+    "extract_features": "features",
+    "cached_features": "features",
+    "Features": "features",
+    "kmeans_evaluate": "kmeans",
+    "KMeansResult": "kmeans",
+    "linear_probe": "linear",
+    "LinearProbeResult": "linear",
+    "sample_few_shot": "fewshot",
+    "few_shot_evaluate": "fewshot",
+    "FewShotResult": "fewshot",
+    "RetrievalResult": "retrieval",
+    "compute_ap": "retrieval",
+    "compute_map": "retrieval",
+    "retrieval_map": "retrieval",
+    "copy_detection_map": "retrieval",
+    "load_ground_truth": "retrieval",
+}
+
+__all__ = ["KNNResult", "knn_accuracies", "knn_accuracy", "knn_classify", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,177 @@
+"""Load a frozen backbone from a checkpoint, whichever code wrote it.
+
+Three layouts are recognised (the usual source of "key mismatch" reports when loading
+self-supervised weights into torchvision, DESIGN.md section 6):
+
+1. this project's checkpoints: ``{"model": StudentTeacher.state_dict(), "config": {...}}``
+   (``learn.save`` adds ``"opt"``), keys ``student.backbone.*`` / ``teacher.backbone.*``;
+2. the paper's official code: ``{"student": sd, "teacher": sd, ...}`` where each state dict
+   comes from a DistributedDataParallel-wrapped network, keys ``module.backbone.*`` and
+   ``module.head.*`` (the head's last layer as ``weight_g`` / ``weight_v``);
+3. a plain torchvision ResNet state dict (an exported backbone), ``fc.*`` ignored.
+
+``_orig_mod.`` (torch.compile) and leading ``module.`` (DDP) prefixes are removed first.
+The backbone is then loaded strictly: a missing or unexpected backbone key is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from carp_fast.backbones import ARCHITECTURES, build_backbone
+
+WHICH = ("teacher", "student")
+
+
+def read_checkpoint(path: str | os.PathLike, *, weights_only: bool = True, mmap: bool = False) -> Any:
+    """``torch.load`` on the CPU, with torch's safe (weights-only) unpickler by default.
+
+    The safe loader is widened by numpy arrays and dtypes only: this project's training
+    checkpoints hold numpy's RNG state beside the weights. A file that pickles anything
+    else is refused with a ValueError; pass ``weights_only=False`` only for a file you
+    trust.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {os.fspath(path)!r}")
+    if not weights_only:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    import numpy as np
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # numpy 2 / 1
+    numpy_globals = [np.ndarray, np.dtype, multiarray._reconstruct]
+    numpy_globals += [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float32, np.float64)]
+    try:
+        with torch.serialization.safe_globals(numpy_globals):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        lines = str(error).strip().splitlines()
+        first_line = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[-1])
+        first_line = first_line.strip()[:200]
+        raise ValueError(
+            f"{os.fspath(path)!r} pickles objects other than tensors, so the safe loader "
+            f"refuses it ({first_line}); if you trust the file, load it with "
+            "weights_only=False (command line: --trust-checkpoint)"
+        ) from None
+
+
+def checkpoint_arch(checkpoint: Any) -> str | None:
+    """The ``arch`` stored in this project's checkpoints (``config`` or ``settings``)."""
+    if isinstance(checkpoint, Mapping):
+        for key in ("config", "settings"):
+            config = checkpoint.get(key)
+            if isinstance(config, Mapping) and isinstance(config.get("arch"), str):
+                return config["arch"]
+    return None
+
+
+def backbone_state_dict(checkpoint: Any, which: str = "teacher") -> dict[str, torch.Tensor]:
+    """Extract the backbone's state dict (torchvision key names, no ``fc.*``).
+
+    Args:
+        checkpoint: a loaded checkpoint in any layout of the module docstring.
+        which: ``"teacher"`` (the momentum encoder, the paper's evaluation default,
+            appendix B.4) or ``"student"``. Ignored for a plain torchvision state dict.
+
+    Returns:
+        ``{torchvision_key: tensor}`` ready for ``build_backbone(arch).load_state_dict``.
+
+    Raises:
+        ValueError: unknown ``which``; no backbone found; a checkpoint holding the
+            other network only.
+    """
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    state = checkpoint
+    if isinstance(state, Mapping) and which in state and isinstance(state[which], Mapping):
+        state = state[which]  # official layout: {"student": sd, "teacher": sd}
+    elif isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]  # this project / fastai learn.save
+    elif isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]  # common export convention
+    if not isinstance(state, Mapping):
+        raise ValueError(f"checkpoint must be a dict of tensors, got {type(state).__name__}")
+    state = {_strip_wrappers(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+    for prefix in (f"{which}.backbone.", "backbone."):
+        backbone = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if backbone:
+            break
+    else:
+        other = WHICH[1 - WHICH.index(which)]
+        if any(k.startswith(f"{other}.backbone.") for k in state):
+            raise ValueError(
+                f"checkpoint holds a {other} backbone but no {which} backbone; "
+                f"pass which={other!r}"
+            )
+        if "conv1.weight" not in state:
+            sample = sorted(state)[:5]
+            raise ValueError(
+                "checkpoint has no backbone: expected keys '<student|teacher>.backbone.*', "
+                f"'backbone.*' or torchvision ResNet keys ('conv1.weight', ...), got {sample}"
+            )
+        backbone = state  # plain torchvision state dict
+    return {k: v for k, v in backbone.items() if not k.startswith("fc.")}
+
+
+def load_backbone(
+    path: str | os.PathLike | Mapping,
+    arch: str | None = None,
+    which: str = "teacher",
+    *,
+    weights_only: bool = True,
+) -> nn.Module:
+    """A backbone (``fc = Identity``) with weights from a checkpoint, in eval mode.
+
+    Args:
+        path: a checkpoint file, or an already loaded checkpoint dict.
+        arch: one of ``carp_fast.backbones.ARCHITECTURES``; None reads
+            ``config["arch"]`` from this project's checkpoints and falls back to
+            ``"resnet50"`` (the official code and torchvision exports).
+        which: ``"teacher"`` or ``"student"``.
+
+    Returns:
+        the backbone mapping ``[N, 3, H, W]`` to ``[N, D]`` features.
+
+    Raises:
+        ValueError: as :func:`backbone_state_dict`; an ``arch`` that contradicts the
+            checkpoint's config; missing or unexpected backbone keys, or shape mismatches.
+    """
+    checkpoint = path if isinstance(path, Mapping) else read_checkpoint(path, weights_only=weights_only)
+    stored = checkpoint_arch(checkpoint)
+    if arch is None:
+        arch = stored or "resnet50"
+    elif stored is not None and stored != arch:
+        raise ValueError(f"arch={arch!r} but the checkpoint was trained with arch={stored!r}")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
+    state = backbone_state_dict(checkpoint, which)
+    backbone = build_backbone(arch)
+    try:
+        result = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shape mismatches: usually the wrong arch
+        mismatches = [ln.strip() for ln in str(error).splitlines() if "size mismatch" in ln]
+        raise ValueError(
+            f"backbone weights do not fit arch={arch!r} ({len(mismatches)} shape mismatches, "
+            f"e.g. {mismatches[:2]}); pass the arch the weights were trained with, one of "
+            f"{ARCHITECTURES}"
+        ) from None
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"backbone keys do not match arch={arch!r}: missing {result.missing_keys[:10]} "
+            f"({len(result.missing_keys)} in all), unexpected {result.unexpected_keys[:10]} "
+            f"({len(result.unexpected_keys)} in all)"
+        )
+    return backbone.eval()
+
+
+def _strip_wrappers(key: str) -> str:
+    """Remove torch.compile's ``_orig_mod.`` (anywhere) and DDP's leading ``module.``."""
+    key = key.replace("_orig_mod.", "")
+    while key.startswith("module."):
+        key = key[len("module.") :]
+    return key

@@ -65,8 +65,8 @@ class CARPConfig:
     global_batch: int = setting(4096, "images per optimizer step; batch_size x processes x accumulation")
     teacher_momentum: float = setting(0.99, "teacher EMA momentum at the start; cosine to 1.0 over the fit")
     # Speed
-    precision: str = setting("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (CUDA) | fp32")
-    channels_last: bool | None = setting(None, "channels_last memory format; None: on for CUDA")
+    precision: str = setting("auto", "auto (bf16 on CUDA and on CPUs with bf16 units, else fp32) | bf16 | fp16 (CUDA) | fp32")
+    channels_last: bool | None = setting(None, "channels_last memory format; None: on with CUDA or bf16")
     sync_bn: bool = setting(True, "batch statistics over all processes (torch's SyncBatchNorm on CUDA)")
     # Logging
     log_every: int = setting(50, "batches between host syncs for the logged statistics")
@@ -105,6 +105,20 @@ class CARPConfig:
                 f"{self.batch_size} x {num_processes}; change --global-batch or --batch-size"
             )
         return self.global_batch // per_step
+
+    def resolved_precision(self, device: torch.device) -> str:
+        """``precision`` with "auto" decided for ``device``.
+
+        On the CPU, bf16 autocast with channels_last runs convolutions through oneDNN's
+        bf16 kernels where the processor has them (AVX512-BF16 or AMX): about 2x the images/s
+        of fp32 on this project's 2-core CI machines (BENCHMARKS.md). Without them bf16 is
+        slower than fp32, so auto keeps fp32.
+        """
+        if self.precision != "auto":
+            return self.precision
+        if device.type == "cuda":
+            return "bf16"
+        return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
     def peak_lr(self) -> float:
         """``base_lr * global_batch / 256`` (the linear scaling rule the paper follows)."""
@@ -178,7 +192,8 @@ def carp_learner(dls, config: CARPConfig, *, accelerator=None, cbs=None, path: s
     n_acc = config.accumulation_steps(n_proc)
 
     model = build_model(config)
-    channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
+    precision = config.resolved_precision(device)
+    channels_last = config.channels_last if config.channels_last is not None else (device.type == "cuda" or precision == "bf16")
     if n_proc > 1 and config.sync_bn:
         model = convert_sync_batchnorm(model, device)
     model = model.to(device)
@@ -191,7 +206,6 @@ def carp_learner(dls, config: CARPConfig, *, accelerator=None, cbs=None, path: s
     else:
         dls._device = device  # plain torch loaders: the Learner moves each batch
 
-    precision = config.precision if config.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     lr = config.peak_lr()
     final_wd = config.weight_decay if config.final_weight_decay is None else config.final_weight_decay
     schedules = {"lr": SchedCos(lr, lr * config.final_lr_fraction), "wd": SchedCos(config.weight_decay, final_wd)}

@@ -104,6 +104,17 @@ def _extract(model, batches, device, amp, progress, description) -> Features:
     return Features(torch.cat(features).cpu(), torch.cat(labels).cpu().long())
 
 
+def check_labelled(features: torch.Tensor, labels: torch.Tensor, split: str) -> None:
+    """Raise a ValueError unless ``features`` is ``[n, D]`` and ``labels`` is ``[n]``."""
+    if features.ndim != 2:
+        raise ValueError(f"{split}_features must be [n, D], got shape {list(features.shape)}")
+    if labels.ndim != 1 or len(labels) != len(features):
+        raise ValueError(
+            f"{split}_labels must be [n] = [{len(features)}] to match {split}_features, "
+            f"got shape {list(labels.shape)}"
+        )
+
+
 def cache_key(checkpoint: str | os.PathLike | None, split: str, settings: Mapping[str, Any]) -> str:
     """A hex digest of the checkpoint (absolute path, mtime, size), split and settings."""
     identity: dict[str, Any] = {"version": CACHE_VERSION, "split": split, "settings": dict(settings)}

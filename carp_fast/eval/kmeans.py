@@ -20,6 +20,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .features import check_labelled
+
 PREPROCESS = ("l2", "standardize", "none")
 
 
@@ -72,12 +74,12 @@ def kmeans_evaluate(
 
     if preprocess not in PREPROCESS:
         raise ValueError(f"preprocess must be one of {PREPROCESS}, got {preprocess!r}")
-    _check_pair(train_features, train_labels, "train")
+    check_labelled(train_features, train_labels, "train")
     if (test_features is None) != (test_labels is None):
         raise ValueError("pass both test_features and test_labels, or neither")
     if test_features is None:
         test_features, test_labels = train_features, train_labels
-    _check_pair(test_features, test_labels, "test")
+    check_labelled(test_features, test_labels, "test")
     if test_features.shape[1] != train_features.shape[1]:
         raise ValueError(
             f"train_features and test_features must share D, got {train_features.shape[1]} "
@@ -119,16 +121,6 @@ def kmeans_evaluate(
         ami=float(metrics.adjusted_mutual_info_score(truth, assignment)),
         ari=float(metrics.adjusted_rand_score(truth, assignment)),
     )
-
-
-def _check_pair(features: torch.Tensor, labels: torch.Tensor, split: str) -> None:
-    if features.ndim != 2:
-        raise ValueError(f"{split}_features must be [n, D], got shape {list(features.shape)}")
-    if labels.ndim != 1 or len(labels) != len(features):
-        raise ValueError(
-            f"{split}_labels must be [n] = [{len(features)}] to match {split}_features, "
-            f"got shape {list(labels.shape)}"
-        )
 
 
 def _preprocess(train: torch.Tensor, test: torch.Tensor, how: str) -> tuple[np.ndarray, np.ndarray]:

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .features import check_labelled
+
 
 class LinearProbeResult(NamedTuple):
     """Top-1 / top-5 accuracy (percent) on the test split, and the settings used."""
@@ -130,13 +132,7 @@ def linear_probe(
 
 
 def _check(features: torch.Tensor, labels: torch.Tensor, split: str) -> None:
-    if features.ndim != 2:
-        raise ValueError(f"{split}_features must be [n, D], got shape {list(features.shape)}")
-    if labels.ndim != 1 or len(labels) != len(features):
-        raise ValueError(
-            f"{split}_labels must be [n] = [{len(features)}] to match {split}_features, "
-            f"got shape {list(labels.shape)}"
-        )
+    check_labelled(features, labels, split)
     if len(features) == 0:
         raise ValueError(f"{split}_features is empty")
     if labels.is_floating_point() or int(labels.min()) < 0:

@@ -39,6 +39,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -342,6 +343,11 @@ def time_logit_paths(n_rows: int, n_student: int, n_teacher: int, dim: int, n_pr
     return {**{f"{k}_ms": v for k, v in ms.items()}, "gather_over_block": round(ms["gather"] / ms["block"], 3)}
 
 
+def _paired(reference: list[float], ours: list[float]) -> float:
+    """Median over repeats of ``reference_seconds / ours_seconds`` (= ours' images/s ratio)."""
+    return statistics.median(r / o for r, o in zip(reference, ours))
+
+
 def _rotated(names: list[str], r: int) -> list[str]:
     return names[r % len(names):] + names[: r % len(names)]
 
@@ -359,7 +365,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
 
     Returns:
         a JSON-ready dict: ``images_per_s`` (ours), ``baseline_images_per_s``,
-        ``ceiling_images_per_s``, ``ours_over_baseline``, ``ours_over_ceiling``,
+        ``ceiling_images_per_s``, ``ours_over_baseline``, ``ours_over_ceiling`` (ratios of
+        the medians) and their ``_paired`` forms (medians of per-repeat ratios),
         ``step_ms`` and ``images_per_s_repeats`` per measurement, ``peak_memory_mib``
         with ``peak_memory_kind``, and the settings.
     """
@@ -396,13 +403,18 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         warmup_s[name] = round(time.perf_counter() - start, 2)
     log(f"warm-up seconds (compile included): {warmup_s}")
 
+    host_syncs = None
     if device.type == "cuda" and args.sync_debug:
-        # Any host sync inside our step now raises: proves the step never blocks the host.
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            ours(crops)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        # Every synchronizing CUDA call inside one of our steps becomes a warning; count them.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                ours(crops)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        host_syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+        log(f"host syncs in one of our steps: {len(host_syncs)}" + "".join(f"\n  {m}" for m in host_syncs))
 
     seconds = {name: [] for name in steps}
     peak = {name: 0.0 for name in steps}
@@ -424,9 +436,14 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         "ceiling_images_per_s": round(ips["ceiling"], 3),
         "ours_over_baseline": round(ips["ours"] / ips["baseline"], 4),
         "ours_over_ceiling": round(ips["ours"] / ips["ceiling"], 4),
+        # Per-repeat ratios of adjacent measurements: steadier than the ratio of medians when
+        # the machine's load drifts between repeats.
+        "ours_over_baseline_paired": round(_paired(seconds["baseline"], seconds["ours"]), 4),
+        "ours_over_ceiling_paired": round(_paired(seconds["ceiling"], seconds["ours"]), 4),
         "step_ms": {name: round(statistics.median(s) * 1000, 2) for name, s in seconds.items()},
         "images_per_s_repeats": {name: [round(args.batch_size / t, 3) for t in s] for name, s in seconds.items()},
         "warmup_s": warmup_s,
+        "host_syncs_per_step": None if host_syncs is None else len(host_syncs),
         "loss_finite": bool(torch.isfinite(last_loss).item()),
     }
     if device.type == "cuda":
@@ -490,7 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N per view for --logit-bench (default --batch-size): the path alone is cheap on a CPU "
                         "even at a GPU's per-device batch")
     p.add_argument("--sync-debug", action="store_true",
-                   help="CUDA: run one of our steps with torch.cuda.set_sync_debug_mode('error')")
+                   help="CUDA: count the host syncs in one of our steps (torch.cuda.set_sync_debug_mode('warn'))")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU: torch intra-op threads (default torch's); fewer than cores is steadier on a shared machine")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -506,10 +525,15 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("need at least 2 crops: the loss pairs student view i with teacher view j != i")
     if not 1 <= args.block_size <= args.prototypes:
         parser.error(f"--block-size must be in [1, --prototypes={args.prototypes}], got {args.block_size}")
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
         result = run(args, log=lambda line: print(line, file=sys.stderr, flush=True))
     except ValueError as err:
         parser.error(str(err))
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside another program (the tests)
     print(json.dumps(result), flush=True)
     return result
 

@@ -211,7 +211,7 @@ def carp_block_loss(
     # pbar: average over views and the global batch, per block.
     n_local = student_block_logits.shape[1]
     prob_sum = s.sum(dim=(0, 1)) + t.sum(dim=(0, 1))  # [P, B]
-    count = torch.tensor(float((n_student + n_teacher) * n_local), device=s.device, dtype=dtype)
+    count = float((n_student + n_teacher) * n_local)  # a Python number: no host-to-device copy
     if _distributed():
         # all_reduce from torch.distributed.nn sums gradients back to every rank, which,
         # after DDP averages them over W ranks, equals the gradient of one process.

@@ -12,7 +12,7 @@ from carp_fast.networks import StudentTeacher
 
 TINY = ["--arch", "resnet10_tiny", "--global-size", "16", "--local-crops", "2", "--local-size", "8",
         "--prototypes", "256", "--block-size", "32", "--hidden-dim", "64", "--embed-dim", "32",
-        "--batch-size", "4", "--steps", "1", "--warmup", "1", "--repeats", "2", "--device", "cpu"]
+        "--batch-size", "4", "--steps", "1", "--warmup", "1", "--repeats", "2", "--threads", "1", "--device", "cpu"]
 
 
 def test_bench_train_prints_json_last(capsys):
@@ -29,6 +29,7 @@ def test_bench_train_prints_json_last(capsys):
     assert result["loss_finite"] is True
     assert result["peak_memory_mib"] > 0 and "RSS" in result["peak_memory_kind"]
     assert result["precision"] == result["baseline_precision"] == "fp32"
+    assert result["threads"] == 1 and result["host_syncs_per_step"] is None  # CPU: no sync check
     assert result["channels_last"] is False and result["compile"] is None
     assert result["logit_path"]["block_ms"] > 0 and result["logit_path"]["gather_ms"] > 0
 

@@ -8,7 +8,7 @@ Two architectures (DESIGN.md section 1, issue 2):
 - ``"resnet10_tiny"``: the same small-image stem, one BasicBlock per stage and half the
   widths (32-256), 256-d features: about 10x cheaper, for CPU runs on 28 px images.
 
-Both keep torchvision's module names, so an exported backbone state dict loads into
+All keep torchvision's module names, so an exported backbone state dict loads into
 ``torchvision.models.resnet50()`` (or :func:`build_backbone("resnet18_small")`) with
 ``strict=False`` reporting only the missing ``fc.*`` keys.
 """

@@ -45,7 +45,7 @@ class CARPConfig:
     """Settings of a CARP run. Defaults are the paper's ImageNet ResNet-50 multi-crop run."""
 
     # Model
-    arch: str = setting("resnet50", "backbone: resnet50 | resnet18 | resnet18_small (28-64 px images)")
+    arch: str = setting("resnet50", "backbone: resnet50 | resnet18 | resnet18_small | resnet10_tiny (the last two for 28-64 px images)")
     n_prototypes: int = setting(65536, "K, the number of prototypes")
     block_size: int = setting(512, "B prototypes per partition block; B = K is CARL (collapses)")
     partition: str = setting("random", "random: new partition every step | fixed: the paper's ablation")

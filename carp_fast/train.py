@@ -62,17 +62,8 @@ class TrainSettings:
 
 
 def _subset(source, n: int, seed: int):
-    """A fixed random subset of an in-memory source (or the source when n is 0 or too big)."""
-    import numpy as np
-
-    from pipelines import ArraySource
-
-    if not n or n >= len(source):
-        return source
-    if not isinstance(source, ArraySource):
-        raise ValueError("--train-images/--knn-bank/--knn-queries subsets need in-memory data (fashion-mnist)")
-    idx = np.sort(np.random.default_rng(seed).choice(len(source), n, replace=False))
-    return ArraySource(source.images[idx], source.labels[idx], num_classes=source.num_classes)
+    """A fixed random subset of ``n`` images (0: the whole source)."""
+    return source.subset(n, seed) if n > 0 else source
 
 
 def open_data(settings: TrainSettings):
@@ -167,7 +158,9 @@ def train(settings: TrainSettings, config: CARPConfig) -> dict:
         summary["epochs_run"] = (learn.epoch + 1) if start_epoch < settings.epochs else start_epoch
         summary["stopped_early"] = getattr(learn, "stopped_early", False)
         if knn is not None:
-            summary["knn_top1"] = getattr(learn, "knn_top1", None)
+            if not knn.history or knn.history[-1]["epoch"] != learn.epoch:  # a budget stopped the fit early
+                learn.knn_top1 = knn.evaluate()[0]
+            summary["knn_top1"] = learn.knn_top1
         backbone = export_backbone(learn.model, out / "backbone_teacher.pth", arch=config.arch)
         summary["backbone"] = str(backbone)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

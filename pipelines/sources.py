@@ -56,6 +56,15 @@ class EncodedSource:
             raise ValueError(f"no usable images in {self.where}: all {len(self._candidates)} file(s) are broken")
         return self
 
+    def subset(self, n: int, seed: int = 0) -> "EncodedSource":
+        """A fixed random subset of ``n`` of the files (before the scan, so only those are read);
+        the source itself when ``n`` is not smaller than it."""
+        if n >= len(self._candidates):
+            return self
+        idx = _subset_indices(len(self._candidates), n, seed)
+        return EncodedSource([self._candidates[i] for i in idx], self._candidate_labels[idx], self.num_classes,
+                             f"{self.where} (a subset of {len(idx)})")
+
     @property
     def skipped(self) -> list[tuple[str, str]]:
         """(path, reason) of the files the scan rejected."""
@@ -181,6 +190,14 @@ class ArraySource:
         self.num_classes = num_classes if num_classes is not None else (int(labels.max()) + 1 if (labels >= 0).any() else 0)
         self.where = f"an array of {len(images)} images"
 
+    def subset(self, n: int, seed: int = 0) -> "ArraySource":
+        """A fixed random subset of ``n`` images (in their original order); the source itself
+        when ``n`` is not smaller than it."""
+        if n >= len(self.images):
+            return self
+        idx = _subset_indices(len(self.images), n, seed)
+        return ArraySource(self.images[idx], self.labels[idx], num_classes=self.num_classes)
+
     def check(self, strict: bool = False) -> "ArraySource":
         """Arrays are validated at construction; nothing to scan."""
         return self
@@ -200,6 +217,12 @@ class ArraySource:
 
     def __repr__(self) -> str:
         return f"ArraySource({self.images.shape}, num_classes={self.num_classes})"
+
+
+def _subset_indices(total: int, n: int, seed: int) -> np.ndarray:
+    if n < 1:
+        raise ValueError(f"a subset needs n >= 1 images, got n={n}")
+    return np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
 
 
 def _read_idx(path: Path) -> np.ndarray:

@@ -130,3 +130,22 @@ def test_fashion_mnist_debian_install():
     src = load_fashion_mnist("test")
     assert src.images.shape == (10000, 28, 28) and len(src) == 10000
     assert np.bincount(src.labels).tolist() == [1000] * 10
+
+
+def test_subsets_are_fixed_random_and_read_only_what_they_keep(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pipelines import ArraySource, ImageFolderSource
+
+    arrays = ArraySource(np.arange(10 * 4, dtype=np.uint8).reshape(10, 2, 2), np.arange(10))
+    a, b = arrays.subset(4, seed=1), arrays.subset(4, seed=1)
+    assert len(a) == 4 and np.array_equal(a.labels, b.labels) and list(a.labels) == sorted(a.labels)
+    assert arrays.subset(10) is arrays and arrays.subset(99) is arrays
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / cls / f"{i}.jpg")
+    (tmp_path / "a" / "broken.jpg").write_bytes(b"")
+    folder = ImageFolderSource(tmp_path).subset(3, seed=0)
+    assert len(folder._candidates) == 3 and folder.num_classes == 2

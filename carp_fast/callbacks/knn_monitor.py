@@ -12,8 +12,8 @@ class KNNMonitor(Callback):
 
     DINO's protocol (``carp_fast.eval.knn``): L2-normalised backbone features, cosine
     similarity, the k nearest training features vote with weight ``exp(sim / T)``. The
-    result goes to ``learn.knn_top1`` and ``self.history`` as ``{"epoch", "knn_top1",
-    "knn_top5"}``. It runs on the main process only (other ranks skip it: the teacher's
+    result goes to ``learn.knn_top1`` and ``self.history`` as ``{"epoch", "step",
+    "knn_top1", "knn_top5"}``. It runs on the main process only (other ranks skip it: the teacher's
     backbone is called directly, outside DistributedDataParallel, so no collective waits).
 
     Args:
@@ -50,7 +50,7 @@ class KNNMonitor(Callback):
             return
         top1, top5 = self.evaluate()
         self.learn.knn_top1 = top1
-        self.history.append(dict(epoch=self.learn.epoch, knn_top1=top1, knn_top5=top5))
+        self.history.append(dict(epoch=self.learn.epoch, step=self.learn.train_iter, knn_top1=top1, knn_top5=top5))
 
     def evaluate(self) -> tuple[float, float]:
         """k-NN top-1 and top-5 (percent) of the current network on the two loaders."""

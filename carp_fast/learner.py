@@ -110,8 +110,8 @@ class CARPConfig:
         """``precision`` with "auto" decided for ``device``.
 
         On the CPU, bf16 autocast with channels_last runs convolutions through oneDNN's
-        bf16 kernels where the processor has them (AVX512-BF16 or AMX): about 2x the images/s
-        of fp32 on this project's 2-core CI machines (BENCHMARKS.md). Without them bf16 is
+        bf16 kernels where the processor has them (AVX512-BF16 or AMX): 3.2x the images/s of
+        fp32 for the embedded default on this project's 2-core machines (BENCHMARKS.md). Without them bf16 is
         slower than fp32, so auto keeps fp32.
         """
         if self.precision != "auto":

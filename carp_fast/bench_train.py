@@ -47,10 +47,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backbones import ARCHITECTURES
+from .callbacks.precision import auto_channels_last, auto_precision
 from .callbacks.teacher_ema import ema_update
 from .lars import LARS
 from .loss import carp_block_loss
-from .networks import StudentTeacher
+from .networks import StudentTeacher, batches_by_resolution
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -68,18 +69,6 @@ def synthetic_crops(batch_size: int, global_crops: int, global_size: int, local_
     return [torch.randn(batch_size, 3, s, s, generator=gen).to(device) for s in sizes]
 
 
-def _groups_by_resolution(crops: Sequence[Tensor]) -> list[Tensor]:
-    """Consecutive crops of one size concatenated: one backbone pass per resolution."""
-    groups, start = [], 0
-    while start < len(crops):
-        end = start
-        while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-            end += 1
-        groups.append(torch.cat(crops[start:end]))  # [(end-start)*N, 3, H, W]
-        start = end
-    return groups
-
-
 def _autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -89,6 +78,18 @@ def _autocast(device: torch.device, precision: str):
 def _scaler(device: torch.device, precision: str):
     # fp16 needs loss scaling; GradScaler.step reads found_inf on the host (a sync per step).
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def _backward_and_step(loss: Tensor, opt: torch.optim.Optimizer, scaler) -> None:
+    """Backward, optimizer step (through the grad scaler when there is one), zero grads."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 # ----------------------------------------------------------------------------- our step
@@ -131,14 +132,7 @@ class OurStep:
         with _autocast(self.device, self.precision):
             out = self.model(*crops)  # student [V_s, N, P, B], teacher [V_t, N, P, B]
             loss = self.loss_fn(out.student, out.teacher).total
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        _backward_and_step(loss, self.opt, self.scaler)
         ema_update(self.teacher_params, self.student_params, TEACHER_MOMENTUM)
         return loss.detach()
 
@@ -233,14 +227,7 @@ class BaselineStep:
                 t_logits = model.teacher.prototypes(w).chunk(n_teacher)  # V_t x [N, K]
                 targets = [_blocks_by_gather(x, perm, block_size) for x in t_logits]
             loss = baseline_loss(preds, targets)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.opt.step()
-        self.opt.zero_grad()
+        _backward_and_step(loss, self.opt, self.scaler)
         with torch.no_grad():
             m = TEACHER_MOMENTUM
             for pt, ps in zip(model.teacher.parameters(), model.student.parameters()):
@@ -266,9 +253,9 @@ class CeilingStep:
         if ours.channels_last:
             crops = [x.contiguous(memory_format=torch.channels_last) for x in crops]
         with _autocast(ours.device, ours.precision):
-            total = sum(model.student.backbone(x).float().sum() for x in _groups_by_resolution(crops))
+            total = sum(model.student.backbone(x).float().sum() for x in batches_by_resolution(crops))
             with torch.no_grad():
-                for x in _groups_by_resolution(crops[: model.global_crops]):
+                for x in batches_by_resolution(crops[: model.global_crops]):
                     model.teacher.backbone(x)
         total.backward()
         for p in self.backbone_params:
@@ -337,7 +324,7 @@ def time_logit_paths(n_rows: int, n_student: int, n_teacher: int, dim: int, n_pr
         fn(None)
     times = {name: [] for name in paths}
     for r in range(repeats):
-        for name in _rotated(list(paths), r):
+        for name in rotated(list(paths), r):
             times[name].append(time_steps(paths[name], [], steps, device))
     ms = {name: round(statistics.median(t) * 1000, 3) for name, t in times.items()}
     return {**{f"{k}_ms": v for k, v in ms.items()}, "gather_over_block": round(ms["gather"] / ms["block"], 3)}
@@ -348,7 +335,9 @@ def _paired(reference: list[float], ours: list[float]) -> float:
     return statistics.median(r / o for r, o in zip(reference, ours))
 
 
-def _rotated(names: list[str], r: int) -> list[str]:
+def rotated(names: list[str], r: int) -> list[str]:
+    """``names`` started at position ``r``: repeat r times the measurements in this order, so
+    drift in the machine's load hits them alike."""
     return names[r % len(names):] + names[: r % len(names)]
 
 
@@ -371,9 +360,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         with ``peak_memory_kind``, and the settings.
     """
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision = args.precision or auto_precision(device)  # the learner's "auto"
     baseline_precision = args.baseline_precision or ("fp16" if device.type == "cuda" else "fp32")
-    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    channels_last = auto_channels_last(device, precision) if args.channels_last is None else args.channels_last
     for name, value in (("--precision", precision), ("--baseline-precision", baseline_precision)):
         if value == "fp16" and device.type != "cuda":
             raise ValueError(f"{name} fp16 needs a CUDA device (got {device}); use bf16 or fp32")
@@ -419,7 +408,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     seconds = {name: [] for name in steps}
     peak = {name: 0.0 for name in steps}
     for r in range(args.repeats):
-        for name in _rotated(list(steps), r):  # alternate the order so drift hits all three
+        for name in rotated(list(steps), r):  # alternate the order so drift hits all three
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             seconds[name].append(time_steps(steps[name], crops, args.steps, device))
@@ -490,11 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64,
                    help="images per device; on a GPU use the largest that fits (peak memory is printed)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="ours' autocast dtype; default bf16 on CUDA, fp32 on CPU (CPU bf16 is slow without AMX)")
+                   help="ours' autocast dtype; default: the learner's 'auto' (bf16 on CUDA and on CPUs with bf16 units)")
     p.add_argument("--baseline-precision", choices=PRECISIONS, default=None,
                    help="default fp16 + grad scaler on CUDA (the official code), fp32 on CPU")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="ours' memory format; default on for CUDA, off for CPU")
+                   help="ours' memory format; default: on with CUDA or bf16, as the learner")
     p.add_argument("--compile", action="store_true", help="torch.compile ours' backbones, heads and loss")
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                    help="reduce-overhead records CUDA graphs (GPU only)")

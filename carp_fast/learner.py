@@ -22,7 +22,7 @@ from fastai.optimizer import OptimWrapper
 from .callbacks.accumulation import GradientAccumulation
 from .callbacks.carp_stats import CARPStats
 from .callbacks.epoch_sync import EpochSync
-from .callbacks.precision import PRECISIONS, precision_callbacks
+from .callbacks.precision import PRECISIONS, auto_channels_last, auto_precision, precision_callbacks
 from .callbacks.progress import RichProgress
 from .callbacks.recorder import DeviceRecorder
 from .callbacks.teacher_ema import TeacherEMA
@@ -107,18 +107,8 @@ class CARPConfig:
         return self.global_batch // per_step
 
     def resolved_precision(self, device: torch.device) -> str:
-        """``precision`` with "auto" decided for ``device``.
-
-        On the CPU, bf16 autocast with channels_last runs convolutions through oneDNN's
-        bf16 kernels where the processor has them (AVX512-BF16 or AMX): 3.2x the images/s of
-        fp32 for the embedded default on this project's 2-core machines (BENCHMARKS.md). Without them bf16 is
-        slower than fp32, so auto keeps fp32.
-        """
-        if self.precision != "auto":
-            return self.precision
-        if device.type == "cuda":
-            return "bf16"
-        return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        """``precision`` with "auto" decided for ``device`` (see :func:`auto_precision`)."""
+        return auto_precision(device) if self.precision == "auto" else self.precision
 
     def peak_lr(self) -> float:
         """``base_lr * global_batch / 256`` (the linear scaling rule the paper follows)."""
@@ -193,7 +183,7 @@ def carp_learner(dls, config: CARPConfig, *, accelerator=None, cbs=None, path: s
 
     model = build_model(config)
     precision = config.resolved_precision(device)
-    channels_last = config.channels_last if config.channels_last is not None else (device.type == "cuda" or precision == "bf16")
+    channels_last = auto_channels_last(device, precision) if config.channels_last is None else config.channels_last
     if n_proc > 1 and config.sync_bn:
         model = convert_sync_batchnorm(model, device)
     model = model.to(device)

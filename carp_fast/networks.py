@@ -24,6 +24,25 @@ from .backbones import build_backbone
 from .partition import PartitionSampler
 
 
+def batches_by_resolution(crops: Sequence[Tensor]) -> list[Tensor]:
+    """Consecutive crops of one size concatenated, so a backbone runs once per resolution.
+
+    Args:
+        crops: V tensors ``[N, 3, H_v, W_v]`` (global crops first, then local crops).
+
+    Returns:
+        one tensor ``[V_r*N, 3, H_r, W_r]`` per run of equal-size crops, in order.
+    """
+    batches, start = [], 0
+    while start < len(crops):
+        end = start
+        while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+            end += 1
+        batches.append(torch.cat(crops[start:end]))
+        start = end
+    return batches
+
+
 class ProjectionHead(nn.Module):
     """Three Linear layers with BatchNorm + GELU between them: ``[M, in] -> [M, out]``."""
 
@@ -93,13 +112,7 @@ class CARPNetwork(nn.Module):
         Returns:
             ``[V*N, D]``, view-major: rows ``v*N .. (v+1)*N-1`` belong to crop v.
         """
-        features, start = [], 0
-        while start < len(crops):
-            end = start
-            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-                end += 1
-            features.append(self.backbone(torch.cat(crops[start:end])))  # [(end-start)*N, F]
-            start = end
+        features = [self.backbone(x) for x in batches_by_resolution(crops)]  # [V_r*N, F] each
         return self.head(torch.cat(features))
 
 

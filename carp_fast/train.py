@@ -57,6 +57,12 @@ class TrainSettings:
     checkpoint_every: int = setting(1, "epochs between checkpoints")
     progress: bool = setting(True, "show progress (a bar on a terminal, a line per epoch otherwise)")
 
+    def __post_init__(self):
+        # Ranges arrive as lists from the command line or JSON; store them as tuples so that
+        # a resumed run's settings compare equal.
+        for name in ("global_scale", "local_scale", "blur_sigma"):
+            setattr(self, name, tuple(getattr(self, name)))
+
 
 # ---- data ---------------------------------------------------------------------------------
 
@@ -68,18 +74,10 @@ def _subset(source, n: int, seed: int):
 
 def open_data(settings: TrainSettings):
     """(pretraining source, labelled bank source, labelled query source or None)."""
-    from pipelines import ImageFolderSource, load_fashion_mnist
+    from pipelines import open_split
 
-    if settings.data == "fashion-mnist":
-        train = load_fashion_mnist("train", root=settings.data_root)
-        return train, train, load_fashion_mnist("test", root=settings.data_root)
-    root = Path(settings.data)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--data {root}: no such folder; give an ImageNet-layout folder or 'fashion-mnist'")
-    train_dir = root / "train" if (root / "train").is_dir() else root
-    val_dir = root / "val" if (root / "val").is_dir() else None
-    train = ImageFolderSource(train_dir)
-    return train, train, (ImageFolderSource(val_dir) if val_dir is not None else None)
+    train = open_split(settings.data, "train", root=settings.data_root)
+    return train, train, open_split(settings.data, "test", root=settings.data_root, required=False)
 
 
 # ---- the run ------------------------------------------------------------------------------
@@ -115,8 +113,8 @@ def train(settings: TrainSettings, config: CARPConfig) -> dict:
     train_source = _subset(train_source, settings.train_images, config.seed)
     crops = MultiCropConfig(
         global_crops=config.global_crops, global_size=settings.global_size, local_crops=settings.local_crops,
-        local_size=settings.local_size, global_scale=tuple(settings.global_scale), local_scale=tuple(settings.local_scale),
-        blur_sigma=tuple(settings.blur_sigma),
+        local_size=settings.local_size, global_scale=settings.global_scale, local_scale=settings.local_scale,
+        blur_sigma=settings.blur_sigma,
     )
     train_dl = pretrain_loader(
         train_source, crops, batch_size=config.batch_size, backend=settings.backend, device=accelerator.device,
@@ -236,8 +234,6 @@ def parse(argv: list[str] | None, defaults: dict, description: str | None = None
     args = vars(build_parser(defaults, description).parse_args(argv))
     settings = TrainSettings(**{f.name: args[f.name] for f in dataclasses.fields(TrainSettings)})
     config = CARPConfig(**{f.name: args[f.name] for f in dataclasses.fields(CARPConfig)})
-    for name in ("global_scale", "local_scale", "blur_sigma"):
-        setattr(settings, name, tuple(getattr(settings, name)))
     return settings, config
 
 

@@ -4,6 +4,7 @@
 """
 
 from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropConfig
+from pipelines.datasets import open_split
 from pipelines.epoch_loader import EpochLoader
 from pipelines.loaders import dali_available, eval_loader, pretrain_loader
 from pipelines.sources import ArraySource, FileListSource, ImageFolderSource, load_fashion_mnist
@@ -12,7 +13,7 @@ __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "CropSpec", "MultiCropConfig",
     "CropDataLoaders", "EmptyLoader", "crop_dataloaders", "EpochLoader",
     "dali_available", "eval_loader", "pretrain_loader",
-    "ArraySource", "FileListSource", "ImageFolderSource", "load_fashion_mnist",
+    "ArraySource", "FileListSource", "ImageFolderSource", "load_fashion_mnist", "open_split",
 ]
 
 

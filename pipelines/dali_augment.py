@@ -60,6 +60,20 @@ def _solarize(x):
     return fn.lookup_table(x, keys=list(range(256)), values=solarize_table(), dtype=types.UINT8)
 
 
+def _maybe(x, p: float, op):
+    """`op(x)` with probability p per image; uint8 [H, W, 3] in and out.
+
+    p >= 1: always, no coin; p == 0: the op is not in the graph at all; otherwise a DALI
+    conditional runs the op only on the images whose coin came up (cost ~ p).
+    """
+    if p >= 1.0:
+        return op(x)
+    if p > 0:
+        if _coin(p):  # rewritten by DALI's conditionals (enable_conditionals=True) into a batch split
+            x = op(x)
+    return x
+
+
 def normalize(x, mean, std, **crop_args):
     """uint8 HWC -> float32 CHW, (x / 255 - mean) / std; `crop_args` crop or mirror too."""
     return fn.crop_mirror_normalize(x, mean=[255.0 * m for m in mean], std=[255.0 * s for s in std],
@@ -72,16 +86,8 @@ def crop_view(images, spec: CropSpec, mean, std):
                                random_aspect_ratio=spec.ratio, interp_type=types.INTERP_CUBIC, antialias=True)
     if spec.jitter_p > 0 or spec.grayscale_p > 0:
         x = _jitter_and_grayscale(x, spec)
-    if spec.blur_p >= 1.0:
-        x = _blur(x, spec)
-    elif spec.blur_p > 0:
-        if _coin(spec.blur_p):
-            x = _blur(x, spec)
-    if spec.solarize_p >= 1.0:
-        x = _solarize(x)
-    elif spec.solarize_p > 0:
-        if _coin(spec.solarize_p):
-            x = _solarize(x)
+    x = _maybe(x, spec.blur_p, lambda v: _blur(v, spec))
+    x = _maybe(x, spec.solarize_p, _solarize)
     return normalize(x, mean, std, mirror=fn.random.coin_flip(probability=spec.flip_p))
 
 

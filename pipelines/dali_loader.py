@@ -69,23 +69,24 @@ class DaliLoader(EpochLoader):
 
     `workers` is DALI's `num_threads`. On a CUDA `device` the pipeline decodes with
     nvJPEG and runs every op on that GPU (device_id = its index, the local rank);
-    otherwise it runs on the CPU with `device_id=None`.
+    otherwise it runs on the CPU with `device_id=None`. `graph` holds the pipeline's
+    arguments other than mean and std, which come from the loader's own.
     """
 
     backend = "dali"
 
     def __init__(self, source, *, n_views: int, graph: dict, workers: int, **kw) -> None:
-        super().__init__(source, n_views=n_views, **kw)
+        super().__init__(source, **kw)
         if workers < 1:
             raise ValueError(f"workers (DALI threads) must be >= 1, got {workers}")
         self.workers, self._graph = workers, graph
-        self._names = [f"view{i}" for i in range(n_views)] + ["labels"]
+        self._names = [f"view{i}" for i in range(n_views)] + ["labels"]  # V views, then the labels
 
     def _build(self, feed, epoch: int):
         gpu = self.device.type == "cuda"
         pipeline = _pretrain_pipeline if self.train else _eval_pipeline
-        return pipeline(feed=feed, encoded=self.source.is_encoded, gpu=gpu, **self._graph,
-                        batch_size=self.bs, num_threads=self.workers,
+        return pipeline(feed=feed, encoded=self.source.is_encoded, gpu=gpu, mean=self.mean, std=self.std,
+                        **self._graph, batch_size=self.bs, num_threads=self.workers,
                         device_id=self.device.index if gpu else None,
                         seed=augment_seed(self.seed, self.shard_id, epoch), prefetch_queue_depth=2)
 
@@ -119,10 +120,10 @@ class DaliLoader(EpochLoader):
 
 def dali_pretrain_loader(source, crops: MultiCropConfig, *, workers: int, **kw) -> DaliLoader:
     specs = crops.crop_specs()
-    return DaliLoader(source, n_views=len(specs), graph=dict(specs=specs, mean=crops.mean, std=crops.std),
-                      workers=workers, train=True, mean=crops.mean, std=crops.std, **kw)
+    return DaliLoader(source, n_views=len(specs), graph=dict(specs=specs), workers=workers, train=True,
+                      mean=crops.mean, std=crops.std, **kw)
 
 
 def dali_eval_loader(source, *, size: int, resize: int | None, mean, std, workers: int, **kw) -> DaliLoader:
-    return DaliLoader(source, n_views=1, graph=dict(size=size, resize=resize, mean=mean, std=std),
-                      workers=workers, train=False, seed=0, mean=mean, std=std, **kw)
+    return DaliLoader(source, n_views=1, graph=dict(size=size, resize=resize), workers=workers, train=False, seed=0,
+                      mean=mean, std=std, **kw)

@@ -10,7 +10,6 @@ pipelines shard themselves).
 
 from __future__ import annotations
 
-import torch
 from fastai.data.core import DataLoaders
 
 from pipelines.epoch_loader import EpochLoader, resolve_device
@@ -22,7 +21,7 @@ class EmptyLoader:
     dataset = None
 
     def __init__(self, device=None) -> None:
-        self.device = resolve_device(device)
+        self.device = resolve_device(device)  # `DataLoaders(..., device=)` sets it again via `to`
 
     def __len__(self) -> int:
         return 0
@@ -36,7 +35,8 @@ class EmptyLoader:
 
 
 class CropDataLoaders(DataLoaders):
-    """`DataLoaders` over `EpochLoader`s: `.train`, `.valid`, `.device`, `one_batch`, `show_batch`."""
+    """`DataLoaders` over `EpochLoader`s: `.train`, `.valid`, `.device`, and fastai's `one_batch` and
+    `show_batch`, which it forwards to `.train` (`EpochLoader.one_batch` leaves the epoch alone)."""
 
     def __init__(self, train: EpochLoader, valid: EpochLoader | EmptyLoader, device=None) -> None:
         device = resolve_device(device if device is not None else train.device)
@@ -44,18 +44,10 @@ class CropDataLoaders(DataLoaders):
         # No `n_inp`: fastai's default split (inputs = all but the last entry, targets =
         # (labels,)) fits multi-crop training batches and 2-entry evaluation batches alike.
 
-    def one_batch(self) -> tuple[torch.Tensor, ...]:
-        """A training batch from a separate iterator: the training epoch is untouched."""
-        return self.train.one_batch()
-
-    def show_batch(self, max_n: int = 4, **kwargs):
-        """Crops of up to `max_n` training images; returns the matplotlib figure."""
-        return self.train.show_batch(max_n=max_n, **kwargs)
-
 
 def crop_dataloaders(train_loader: EpochLoader, valid_loader: EpochLoader | None = None, device=None) -> CropDataLoaders:
     """fastai `DataLoaders` whose `.train` / `.valid` are our loaders (valid may be empty)."""
     if not isinstance(train_loader, EpochLoader):
         raise ValueError(f"train_loader must come from pretrain_loader/eval_loader, got {type(train_loader).__name__}")
-    valid = valid_loader if valid_loader is not None else EmptyLoader(device if device is not None else train_loader.device)
+    valid = valid_loader if valid_loader is not None else EmptyLoader()  # CropDataLoaders moves it to the device
     return CropDataLoaders(train_loader, valid, device=device)

@@ -41,14 +41,13 @@ class EpochLoader:
     backend = "base"
 
     def __init__(self, source, *, batch_size: int, train: bool, shard_id: int, num_shards: int, seed: int,
-                 device, n_views: int, mean, std) -> None:
+                 device, mean, std) -> None:
         check_shard(shard_id, num_shards)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.source, self.bs, self.train = source, batch_size, train
         self.shard_id, self.num_shards, self.seed = shard_id, num_shards, seed
         self.device = resolve_device(device)
-        self.n_views = n_views  # V: tuple entries before the labels
         self.mean, self.std = tuple(mean), tuple(std)
         self.epoch = 0
         n = len(source)

@@ -1,7 +1,8 @@
 """Pre-flight scan of an image file list: find broken files before training starts.
 
 One corrupt JPEG must not kill a multi-day run, and a decoder error deep inside DALI
-names no file. So every file is checked once, up front:
+names no file. So every file is checked once, up front, from its header and (JPEG) its
+last few KiB rather than all its bytes:
 
 - unreadable / zero-byte / not an image / truncated -> skipped (one warning that counts
   them and names the first few) or, with `strict=True`, one `ValueError`;
@@ -16,10 +17,10 @@ names no file. So every file is checked once, up front:
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -38,34 +39,52 @@ class ScanResult:
     bad: list[tuple[str, str]]  # (path, reason) of every skipped file
 
 
-def _jpeg_complete(data: bytes) -> bool:
-    # Entropy-coded data byte-stuffs 0xFF, so the end-of-image marker can only appear as a
-    # marker: a complete JPEG has an EOI after its last start-of-scan.
-    return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda") > 0
+# Bytes read from the end of a JPEG to find its end-of-image marker: one page, so the scan
+# reads a header and a tail per file rather than the whole data set (~140 GB for ImageNet).
+_TAIL = 4096
+
+
+def _jpeg_complete(has_scan: bool, tail: bytes) -> bool:
+    """Whether a JPEG ends properly, from its last `_TAIL` bytes (`tail`, [<= _TAIL] bytes).
+
+    Entropy-coded data byte-stuffs 0xFF, so the end-of-image marker FFD9 can only appear
+    as a marker: a complete JPEG has a start-of-scan (`has_scan`, found by PIL's header
+    parse) and an EOI after its last SOS. Bytes after the EOI (zero padding, a camera's
+    trailer) are allowed, as by the former whole-file check, while the EOI is in the tail.
+    """
+    return has_scan and tail.rfind(b"\xff\xd9") > tail.rfind(b"\xff\xda")
 
 
 def check_file(path: str) -> tuple[str, str]:
-    """Classify one file: ("native" | "convert" | "bad", reason)."""
+    """Classify one file: ("native" | "convert" | "bad", reason).
+
+    Reads the header (PIL parses it; `verify` decodes no JPEG data, it checks the chunk
+    CRCs of a PNG) and, for a JPEG, the last `_TAIL` bytes; never the whole JPEG.
+    """
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return "bad", "empty file"
+            try:
+                with Image.open(f) as im:
+                    fmt, mode, has_scan = im.format, im.mode, bool(im.tile)  # JPEG: no tile without an SOS
+                    transparent = "transparency" in im.info
+                    im.verify()  # checks PNG chunk CRCs, headers of other formats
+            except Exception as e:  # PIL raises many types for non-images
+                return "bad", f"not a readable image ({type(e).__name__})"
+            if fmt == "JPEG":
+                f.seek(max(0, size - _TAIL))
+                if not _jpeg_complete(has_scan, f.read()):
+                    return "bad", "truncated JPEG"
     except OSError as e:
         return "bad", f"unreadable ({e.strerror})"
-    if not data:
-        return "bad", "empty file"
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt, mode = im.format, im.mode
-            im.verify()  # checks PNG chunk CRCs, headers of other formats
-    except Exception as e:  # PIL raises many types for non-images
-        return "bad", f"not a readable image ({type(e).__name__})"
-    if fmt == "JPEG" and not _jpeg_complete(data):
-        return "bad", "truncated JPEG"
-    if fmt == "PNG" and mode in ("RGB", "L") and "transparency" in Image.open(io.BytesIO(data)).info:
+    if fmt == "PNG" and mode in ("RGB", "L") and transparent:
         return "convert", "PNG with transparency"
     if (fmt, mode) in _NATIVE:
         return "native", ""
-    try:  # e.g. CMYK, RGBA, palette, 16-bit: make sure PIL can actually decode it
-        with Image.open(io.BytesIO(data)) as im:
+    try:  # e.g. CMYK, RGBA, palette, 16-bit: make sure PIL can actually decode it (rare: decodes fully)
+        with Image.open(path) as im:
             im.convert("RGB").load()
     except Exception as e:
         return "bad", f"undecodable {fmt} {mode} ({type(e).__name__})"

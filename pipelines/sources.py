@@ -25,12 +25,16 @@ FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 
 
 class EncodedSource:
-    """Base of file-backed sources: candidate files, labels, lazy pre-flight scan."""
+    """Base of file-backed sources: candidate files, labels, lazy pre-flight scan.
+
+    `files` [N] and `labels` [N] are those of the usable images: reading either runs the
+    scan (once) if `check()` has not.
+    """
 
     is_encoded = True
 
     def __init__(self, files: list[str], labels: np.ndarray, num_classes: int, where: str,
-                 empty_classes: list[str] | None = None) -> None:
+                 empty_classes: list[str] | None = None, scan: ScanResult | None = None) -> None:
         self._candidates = files
         self._candidate_labels = labels.astype(np.int64)
         self.num_classes = num_classes
@@ -38,55 +42,65 @@ class EncodedSource:
         self.empty_classes = empty_classes or []
         self._scan: ScanResult | None = None
         self._reported = False
+        if scan is not None:  # already scanned (a subset of a scanned source): no second scan
+            self._use_scan(scan)
+
+    def _use_scan(self, scan: ScanResult) -> None:
+        self._scan = scan
+        self._files = [f for f, k in zip(self._candidates, scan.keep) if k]
+        self._labels = self._candidate_labels[scan.keep]
+        self._convert = scan.convert[scan.keep]
 
     def check(self, strict: bool = False) -> "EncodedSource":
         """Scan the files once; warn about (or, strict, raise on) unusable ones."""
         if self._scan is None:
-            self._scan = scan_files(self._candidates)
-            keep = self._scan.keep
-            self.files = [f for f, k in zip(self._candidates, keep) if k]
-            self.labels = self._candidate_labels[keep]
-            self._convert = self._scan.convert[keep]
+            self._use_scan(scan_files(self._candidates))
         if strict:
             report_bad(self._scan.bad, self.empty_classes, self.where, strict=True)
         elif not self._reported:
             report_bad(self._scan.bad, self.empty_classes, self.where, strict=False)
             self._reported = True
-        if not self.files:
+        if not self._files:
             raise ValueError(f"no usable images in {self.where}: all {len(self._candidates)} file(s) are broken")
         return self
 
+    @property
+    def files(self) -> list[str]:
+        """Paths of the usable images [N]."""
+        self.check()
+        return self._files
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Labels of the usable images [N] int64 (-1 when unlabelled)."""
+        self.check()
+        return self._labels
+
     def subset(self, n: int, seed: int = 0) -> "EncodedSource":
-        """A fixed random subset of ``n`` of the files (before the scan, so only those are read);
-        the source itself when ``n`` is not smaller than it."""
+        """A fixed random subset of ``n`` of the files (taken before the scan, so that only those
+        are read; from the scan's result if the source is already scanned); the source itself
+        when ``n`` is not smaller than it."""
         if n >= len(self._candidates):
             return self
         idx = _subset_indices(len(self._candidates), n, seed)
-        return EncodedSource([self._candidates[i] for i in idx], self._candidate_labels[idx], self.num_classes,
-                             f"{self.where} (a subset of {len(idx)})")
-
-    @property
-    def skipped(self) -> list[tuple[str, str]]:
-        """(path, reason) of the files the scan rejected."""
-        self.check()
-        return self._scan.bad
+        files = [self._candidates[i] for i in idx]
+        scan = None
+        if self._scan is not None:
+            chosen = set(files)
+            scan = ScanResult(keep=self._scan.keep[idx], convert=self._scan.convert[idx],
+                              bad=[(f, why) for f, why in self._scan.bad if f in chosen])
+        return EncodedSource(files, self._candidate_labels[idx], self.num_classes,
+                             f"{self.where} (a subset of {len(idx)})", scan=scan)
 
     def __len__(self) -> int:
-        self.check()
         return len(self.files)
-
-    def __getattr__(self, name: str):
-        # `files`, `labels` and `_convert` exist once scanned: scan on first access.
-        if name in ("files", "labels", "_convert"):
-            self.check()
-            return self.__dict__[name]
-        raise AttributeError(name)
 
     def encoded(self, i: int) -> np.ndarray:
         """The bytes of image i, `[nbytes]` uint8, in a format every decoder reads as RGB."""
+        path = self.files[i]  # scans first if needed, which sets `_convert`
         if self._convert[i]:
-            return to_rgb_png(self.files[i])
-        return np.fromfile(self.files[i], dtype=np.uint8)
+            return to_rgb_png(path)
+        return np.fromfile(path, dtype=np.uint8)
 
     def name(self, i: int) -> str:
         return self.files[i]
@@ -121,6 +135,13 @@ class ImageFolderSource(EncodedSource):
         if not files:
             raise ValueError(f"image folder {str(root)!r} holds no files in its {len(self.classes)} class folder(s)")
         super().__init__(files, np.array(labels), len(self.classes), str(root), empty)
+
+    def subset(self, n: int, seed: int = 0) -> EncodedSource:
+        """As `EncodedSource.subset`, keeping `root` and `classes` (the labels still index them)."""
+        sub = super().subset(n, seed)
+        if sub is not self:
+            sub.root, sub.classes = self.root, list(self.classes)
+        return sub
 
 
 class FileListSource(EncodedSource):
@@ -188,7 +209,6 @@ class ArraySource:
             raise ValueError(f"labels must be [N] = [{len(images)}], got shape {labels.shape}")
         self.images, self.labels = images, labels
         self.num_classes = num_classes if num_classes is not None else (int(labels.max()) + 1 if (labels >= 0).any() else 0)
-        self.where = f"an array of {len(images)} images"
 
     def subset(self, n: int, seed: int = 0) -> "ArraySource":
         """A fixed random subset of ``n`` images (in their original order); the source itself

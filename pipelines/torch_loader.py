@@ -9,6 +9,7 @@ crop is cut from the decoded tensor.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Iterator
 
 import numpy as np
@@ -52,16 +53,20 @@ class _ViewsDataset(Dataset):
 
 
 class TorchvisionLoader(EpochLoader):
-    """Pretraining (multi-crop) or evaluation loader on torchvision + torch DataLoader."""
+    """Pretraining (multi-crop) or evaluation loader on torchvision + torch DataLoader.
+
+    `transforms` holds one `make(mean, std) -> transform` per view: the normalisation uses
+    the loader's own mean and std.
+    """
 
     backend = "torchvision"
 
     def __init__(self, source, *, transforms: list[Callable], workers: int, **kw) -> None:
-        super().__init__(source, n_views=len(transforms), **kw)
+        super().__init__(source, **kw)
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.workers = workers
-        self._dataset = _ViewsDataset(source, transforms)
+        self._dataset = _ViewsDataset(source, [make(self.mean, self.std) for make in transforms])
 
     def _produce(self, order: np.ndarray, epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
         base = augment_seed(self.seed, self.shard_id, epoch)
@@ -76,10 +81,10 @@ class TorchvisionLoader(EpochLoader):
 
 
 def torchvision_pretrain_loader(source, crops: MultiCropConfig, *, workers: int, **kw) -> TorchvisionLoader:
-    transforms = [crop_transform(spec, crops.mean, crops.std) for spec in crops.crop_specs()]
+    transforms = [partial(crop_transform, spec) for spec in crops.crop_specs()]
     return TorchvisionLoader(source, transforms=transforms, workers=workers, train=True, mean=crops.mean, std=crops.std, **kw)
 
 
 def torchvision_eval_loader(source, *, size: int, resize: int | None, mean, std, workers: int, **kw) -> TorchvisionLoader:
-    return TorchvisionLoader(source, transforms=[eval_transform(size, resize, mean, std)], workers=workers,
+    return TorchvisionLoader(source, transforms=[partial(eval_transform, size, resize)], workers=workers,
                              train=False, seed=0, mean=mean, std=std, **kw)

@@ -1,7 +1,10 @@
 """Shared fixtures: tiny CARP data and configurations that train in seconds on a CPU."""
 
+import socket
+
 import pytest
 import torch
+import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 
 
@@ -11,6 +14,27 @@ def crop_dataset(n_images=32, n_global=2, n_local=2, g=16, l=8, n_classes=4, see
     views = [torch.randn(n_images, 3, g, g, generator=gen) for _ in range(n_global)]
     views += [torch.randn(n_images, 3, l, l, generator=gen) for _ in range(n_local)]
     return TensorDataset(*views, torch.randint(0, n_classes, (n_images,), generator=gen))
+
+
+def run_ranks(worker, world_size: int, timeout: float) -> dict:
+    """Run ``worker(rank, port, queue)`` in ``world_size`` spawned processes that share a free
+    local port; each puts ``(rank, payload)`` on the queue (numpy arrays: sent by value).
+
+    Returns ``{rank: payload}``; fails if a process exits with an error.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(rank, port, queue)) for rank in range(world_size)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=timeout) for _ in range(world_size))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from carp_fast import bench_train
+from carp_fast.learner import CARPConfig
 from carp_fast.networks import StudentTeacher
 
 TINY = ["--arch", "resnet10_tiny", "--global-size", "16", "--local-crops", "2", "--local-size", "8",
@@ -28,9 +29,12 @@ def test_bench_train_prints_json_last(capsys):
         assert len(result["images_per_s_repeats"][name]) == 2
     assert result["loss_finite"] is True
     assert result["peak_memory_mib"] > 0 and "RSS" in result["peak_memory_kind"]
-    assert result["precision"] == result["baseline_precision"] == "fp32"
+    # Ours runs as the learner would on this CPU; the baseline in fp32 (no fp16 on the CPU).
+    learner_precision = CARPConfig().resolved_precision(torch.device("cpu"))
+    assert result["precision"] == learner_precision and result["baseline_precision"] == "fp32"
+    assert result["channels_last"] is (learner_precision == "bf16")
     assert result["threads"] == 1 and result["host_syncs_per_step"] is None  # CPU: no sync check
-    assert result["channels_last"] is False and result["compile"] is None
+    assert result["compile"] is None
     assert result["logit_path"]["block_ms"] > 0 and result["logit_path"]["gather_ms"] > 0
 
 

@@ -1,13 +1,12 @@
 """Two CPU processes (torch.distributed, gloo) against one process on the whole batch."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from carp_fast.loss import carp_loss, random_partition
+from tests.conftest import run_ranks
 
 WORLD, N_PER_RANK, K, B, V_S, V_T = 2, 3, 12, 4, 4, 2
 
@@ -32,27 +31,14 @@ def _worker(rank, port, queue):
         parts = carp_loss(student, teacher, partition)
         parts.total.backward()
         # numpy: sent by value, so the tensors outlive this process
-        queue.put((rank, partition.numpy(), [p.detach().numpy() for p in parts], [x.grad.numpy() for x in student]))
+        queue.put((rank, (partition.numpy(), [p.detach().numpy() for p in parts], [x.grad.numpy() for x in student])))
     finally:
         dist.destroy_process_group()
 
 
 def test_two_processes_equal_one_process_on_the_concatenated_batch():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(rank, port, queue)) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    results = {}
-    for _ in range(WORLD):
-        rank, partition, parts, grads = queue.get(timeout=120)
-        results[rank] = (torch.from_numpy(partition), [torch.tensor(p) for p in parts], [torch.from_numpy(g) for g in grads])
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = {rank: (torch.from_numpy(partition), [torch.tensor(p) for p in parts], [torch.from_numpy(g) for g in grads])
+               for rank, (partition, parts, grads) in run_ranks(_worker, WORLD, timeout=120).items()}
 
     partition = results[0][0]
     assert torch.equal(partition, results[1][0]), "ranks drew different partitions"

@@ -1,13 +1,11 @@
 """A 2-process CPU run (gloo, through Accelerate) equals a 1-process run with the same global batch."""
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.conftest import crop_dataset
+from tests.conftest import crop_dataset, run_ranks
 
 STEPS, GLOBAL = 2, 16
 
@@ -46,23 +44,13 @@ def _worker(rank, port, queue):
     half = GLOBAL // 2
     rows = [list(range(k * GLOBAL + rank * half, k * GLOBAL + (rank + 1) * half)) for k in range(STEPS)]
     losses, params = _run(rows, batch_size=half)
-    queue.put((rank, losses, [p.numpy() for p in params]))  # by value: the worker exits next
+    queue.put((rank, (losses, [p.numpy() for p in params])))
 
 
 @pytest.mark.slow
 def test_two_process_run_equals_one_process_run():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(rank, port, queue)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    results = {r: (losses, [torch.from_numpy(p) for p in params]) for r, losses, params in (queue.get(timeout=300) for _ in range(2))}
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = {rank: (losses, [torch.from_numpy(p) for p in params])
+               for rank, (losses, params) in run_ranks(_worker, 2, timeout=300).items()}
 
     single_losses, single_params = _run([list(range(k * GLOBAL, (k + 1) * GLOBAL)) for k in range(STEPS)], batch_size=GLOBAL)
     # The ranks hold identical weights (DDP) equal to the 1-process weights.

@@ -16,7 +16,7 @@ from PIL import Image
 from carp_fast.backbones import build_backbone
 from carp_fast.eval import checkpoints
 from carp_fast.eval.cli import main
-from carp_fast.eval.data import FASHION_MNIST_DIR
+from pipelines.sources import FASHION_MNIST_ROOT
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
 
@@ -57,24 +57,28 @@ def image_folder(tmp_path_factory):
     return root
 
 
-def _run(tmp_path, *argv):
-    common = ["--cache-dir", str(tmp_path / "cache"), "--no-progress", "--loader", "builtin", "--workers", "0"]
+def _run(tmp_path, *argv, backend="torchvision"):
+    common = ["--cache-dir", str(tmp_path / "cache"), "--no-progress", "--backend", backend, "--workers", "1"]
     return main([*argv, *common])
 
 
-def test_knn_end_to_end(tmp_path, checkpoint, image_folder, capsys):
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_knn_end_to_end(tmp_path, checkpoint, image_folder, capsys, backend):
     out = tmp_path / "knn.json"
     rc = _run(tmp_path, "knn", "--checkpoint", str(checkpoint), "--data", str(image_folder),
-              "--size", "16", "--resize", "16", "--k", "1", "5", "--out", str(out))  # fmt: skip
+              "--size", "16", "--resize", "16", "--k", "1", "5", "--out", str(out), backend=backend)  # fmt: skip
     assert rc == 0
     record = json.loads(out.read_text())
     assert record["protocol"] == "knn"
     assert [r["k"] for r in record["results"]] == [1, 5]
     for result in record["results"]:
-        assert 0.0 <= result["top1"] <= result["top5"] <= 100.0
+        # Three flat colours: even random features separate them, unless images and labels
+        # were paired wrongly on the way (chance is 33 %).
+        assert 90.0 <= result["top1"] <= result["top5"] <= 100.0
         assert result["settings"]["checkpoint"] == str(checkpoint.resolve())
     settings = record["settings"]
     assert settings["which"] == "teacher" and settings["size"] == 16 and settings["n"] == [24, 12]
+    assert settings["backend"] == backend
     assert settings["feature_dim"] == 512 and settings["temperature"] == 0.07
     assert "k-NN" in capsys.readouterr().out  # the rich table
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # train and test features
@@ -140,10 +144,12 @@ def test_retrieval_and_copy_detection(tmp_path, checkpoint, image_folder):
         assert rc == 0
         (result,) = json.loads(out.read_text())["results"]
         key = "mAP" if name == "copydetection" else "mAP_medium"
-        assert 0.0 < result[key] <= 100.0
+        # Same-colour positives are each query's nearest images, unless the features were
+        # paired with the wrong database positions (then about 33 %).
+        assert 90.0 <= result[key] <= 100.0
 
 
-@pytest.mark.skipif(not FASHION_MNIST_DIR.exists(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.skipif(not Path(FASHION_MNIST_ROOT).exists(), reason="dataset-fashion-mnist not installed")
 def test_fashion_mnist_subset(tmp_path, checkpoint):
     out = tmp_path / "fm.json"
     rc = _run(tmp_path, "knn", "--checkpoint", str(checkpoint), "--data", "fashion-mnist",

@@ -66,8 +66,10 @@ def test_extract_works_on_a_generator(loader):
 def test_extract_rejects_non_feature_output(loader):
     with pytest.raises(ValueError, match=r"features \[N, D\]"):
         extract_features(nn.Identity(), loader, device="cpu", progress=False)
+    model = _Pool().train()
     with pytest.raises(ValueError, match="batches is empty"):
-        extract_features(_Pool(), [], device="cpu", progress=False)
+        extract_features(model, [], device="cpu", progress=False)
+    assert model.training  # restored when the extraction fails too
 
 
 def test_cache_hit_skips_model_and_data(tmp_path, loader):

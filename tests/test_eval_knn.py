@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from carp_fast.eval.knn import KNNResult, knn_accuracies, knn_accuracy, knn_classify
 
@@ -21,6 +24,15 @@ def reference_knn_scores(train, train_labels, test, k, temperature, num_classes)
         for j in order:
             scores[i, int(train_labels[j])] += math.exp(float(sims[i, j]) / temperature)
     return scores
+
+
+def reference_accuracy(scores, test_labels):
+    """Top-1 / top-5 (percent) from reference scores; top-5 only counts voted-for labels."""
+    ranked = scores.argsort(dim=1, descending=True)
+    top1 = 100.0 * (ranked[:, 0] == test_labels).double().mean().item()
+    voted = scores[torch.arange(len(scores)), test_labels] > 0
+    in_top5 = (ranked[:, :5] == test_labels[:, None]).any(1)
+    return top1, 100.0 * (in_top5 & voted).double().mean().item()
 
 
 @pytest.fixture
@@ -65,22 +77,24 @@ def test_knn_accuracy_matches_reference(bank):
     train, labels, test, test_labels = bank
     for k in (1, 10, 20):
         scores = reference_knn_scores(train, labels, test, k, 0.07, 7)
-        ranked = scores.argsort(dim=1, descending=True)
-        top1 = 100.0 * (ranked[:, 0] == test_labels).double().mean().item()
-        # top-5: the label among the 5 best classes and voted for by a neighbour
-        voted = scores[torch.arange(len(test)), test_labels] > 0
-        in_top5 = (ranked[:, :5] == test_labels[:, None]).any(1)
-        top5 = 100.0 * (in_top5 & voted).double().mean().item()
+        top1, top5 = reference_accuracy(scores, test_labels)
         got = knn_accuracy(train, labels, test, test_labels, k=k, chunk_size=4)
         assert isinstance(got, KNNResult)
         assert got.top1 == pytest.approx(top1) and got.top5 == pytest.approx(top5)
 
 
-def test_knn_accuracies_sweep_equals_single_k(bank):
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_knn_accuracies_sweep_matches_reference(bank, chunk_size):
+    # One pass for every k (the first k of the max(ks) neighbours) against the reference
+    # run separately for each k.
     train, labels, test, test_labels = bank
-    sweep = knn_accuracies(train, labels, test, test_labels, ks=(10, 20, 100, 200))
-    for k, result in sweep.items():
-        assert result == knn_accuracy(train, labels, test, test_labels, k=k)
+    ks = (10, 20, 100, 200)
+    sweep = knn_accuracies(train, labels, test, test_labels, ks=ks, chunk_size=chunk_size)
+    assert list(sweep) == list(ks)
+    for k in ks:
+        scores = reference_knn_scores(train, labels, test, k, 0.07, 7)
+        top1, top5 = reference_accuracy(scores, test_labels)
+        assert sweep[k].top1 == pytest.approx(top1) and sweep[k].top5 == pytest.approx(top5)
 
 
 def test_separable_clusters_are_classified_perfectly():
@@ -110,3 +124,33 @@ def test_errors(bank):
         knn_classify(train, labels, test, temperature=0.0)
     with pytest.raises(ValueError, match="integers"):
         knn_classify(train, labels.double(), test)
+
+
+def test_empty_test_features_are_rejected(bank):
+    # Used to crash: ZeroDivisionError in knn_accuracies, torch.cat([]) in knn_classify.
+    train, labels, test, test_labels = bank
+    with pytest.raises(ValueError, match="test_features is empty"):
+        knn_accuracies(train, labels, test[:0], test_labels[:0])
+    with pytest.raises(ValueError, match="test_features is empty"):
+        knn_accuracy(train, labels, test[:0], test_labels[:0])
+    with pytest.raises(ValueError, match="test_features is empty"):
+        knn_classify(train, labels, test[:0])
+    with pytest.raises(ValueError, match="train_features is empty"):
+        knn_classify(train[:0], labels[:0], test)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_knn_monitor_restores_backbone_mode(training):
+    from carp_fast.callbacks import KNNMonitor
+
+    g = torch.Generator().manual_seed(0)
+    loader = DataLoader(
+        TensorDataset(torch.randn(10, 3, 2, 2, generator=g), torch.arange(10) % 3), batch_size=4
+    )
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.BatchNorm1d(4)).train(training)
+    monitor = KNNMonitor(loader, loader, k=3)
+    teacher = SimpleNamespace(backbone=backbone)
+    monitor.learn = SimpleNamespace(model=SimpleNamespace(teacher=teacher))  # a stub Learner
+    top1, top5 = monitor.evaluate()
+    assert 0 <= top1 <= top5 <= 100
+    assert backbone.training == training

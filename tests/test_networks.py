@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 from carp_fast.backbones import build_backbone
-from carp_fast.networks import Prototypes, ProjectionHead, StudentTeacher
+from carp_fast.networks import Prototypes, ProjectionHead, StudentTeacher, batches_by_resolution
 from carp_fast.partition import PartitionSampler
 
 
@@ -65,6 +65,13 @@ def test_embed_runs_one_backbone_pass_per_resolution():
     z = model.student.embed(crops(n=2, n_global=2, n_local=3))
     assert z.shape == (10, 8)
     assert calls == [torch.Size([4, 3, 16, 16]), torch.Size([6, 3, 8, 8])]
+
+
+def test_batches_by_resolution_keeps_order_and_groups_only_neighbours():
+    xs = [torch.full((2, 3, s, s), float(i)) for i, s in enumerate([16, 16, 8, 16])]
+    batches = batches_by_resolution(xs)
+    assert [tuple(b.shape) for b in batches] == [(4, 3, 16, 16), (2, 3, 8, 8), (2, 3, 16, 16)]
+    assert [b[:, 0, 0, 0].tolist() for b in batches] == [[0, 0, 1, 1], [2, 2], [3, 3]]
 
 
 def test_forward_shapes_and_teacher_gets_no_gradient():

@@ -1,11 +1,14 @@
 """Pretraining and evaluation loaders on both backends: contract, reproducibility, DALI vs torchvision.
 
 Tolerances of the DALI-vs-torchvision comparisons (normalised units, 1 unit ~ 57 grey levels):
-- identical geometry, no colour ops: mean |difference| per pixel < 0.02 (decoder/resampler
-  rounding only; a wrong interpolation, crop position or normalisation gives > 0.1);
+- identical geometry: mean |difference| per pixel < 0.02 (decoder/resampler rounding only,
+  measured 0.002-0.011). For comparison, bilinear instead of bicubic gives 0.03 (caught,
+  narrowly), a crop one pixel off 0.15. Each deterministic op (flip, grayscale, blur, solarize at p = 1) is
+  compared on this geometry too: leaving one out on the DALI side gives 0.15 (blur) to 0.85;
 - full random augmentations: per-view, per-channel mean and std over 1024 images agree
   within 0.15 (seed-to-seed noise of one backend is about 0.05; solarizing a view moves it
-  by 0.75). Known, accepted differences: DALI's contrast pivots on grey 128 (torchvision:
+  by 0.75). A smoke test only: it passes with DALI's blur, jitter, grayscale or flip
+  missing. Known, accepted differences: DALI's contrast pivots on grey 128 (torchvision:
   the image's mean grey) and its hue rotates in YIQ (torchvision: HSV); random draws differ.
 """
 
@@ -124,19 +127,52 @@ def test_eval_28px_without_resize_is_the_normalised_image(backend):
     torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
 
 
-def test_dali_matches_torchvision_same_geometry(jpeg_folder):
-    """No randomness that differs: whole-image crop (square images) and eval resize + crop."""
+# Whole-image crops of square images, no random op: both backends see the same geometry.
+SAME_GEOMETRY = dict(global_crops=1, global_size=48, local_crops=1, local_size=24, global_scale=(1.0, 1.0),
+                     local_scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
+                     global_blur_p=(0.0,), local_blur_p=0.0, global_solarize_p=(0.0,))
+
+
+@pytest.fixture(scope="module")
+def squares():
+    """8 square images [8, 64, 64, 3] uint8: a whole-image crop has no random offset."""
     rng = np.random.default_rng(5)
-    square = np.stack([natural_image(rng, 64, 64) for _ in range(8)])
-    plain = MultiCropConfig(global_crops=1, global_size=48, local_crops=1, local_size=24, global_scale=(1.0, 1.0),
-                            local_scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
-                            global_blur_p=(0.0,), local_blur_p=0.0, global_solarize_p=(0.0,))
-    out = {b: next(iter(pretrain_loader(ArraySource(square), plain, batch_size=8, backend=b))) for b in BACKENDS}
+    return ArraySource(np.stack([natural_image(rng, 64, 64) for _ in range(8)]))
+
+
+def _first_batch(source, backend, **ops):
+    crops = MultiCropConfig(**{**SAME_GEOMETRY, **ops})
+    return next(iter(pretrain_loader(source, crops, batch_size=8, backend=backend)))
+
+
+def test_dali_matches_torchvision_same_geometry(squares, jpeg_folder):
+    """No randomness that differs: whole-image crop (square images) and eval resize + crop."""
+    out = {b: _first_batch(squares, b) for b in BACKENDS}
     for d, t in zip(out["dali"][:-1], out["torchvision"][:-1]):
         assert (d - t).abs().mean() < 0.02
     src = ImageFolderSource(jpeg_folder)  # JPEG decode + bicubic resize of the shorter side + centre crop
     ev = {b: torch.cat([x for x, _ in eval_loader(src, size=48, resize=56, batch_size=4, backend=b)]) for b in BACKENDS}
     assert (ev["dali"] - ev["torchvision"]).abs().mean() < 0.02
+
+
+# One op at p = 1 with fixed settings, on every view.
+OPS = {"flip": dict(flip_p=1.0), "grayscale": dict(grayscale_p=1.0),
+       "blur": dict(global_blur_p=(1.0,), local_blur_p=1.0, blur_sigma=(1.0, 1.0)),
+       "solarize": dict(global_solarize_p=(1.0,), local_solarize_p=1.0)}
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_dali_op_matches_torchvision(squares, op):
+    """One op at p = 1 with fixed settings, same geometry: DALI applies it as torchvision does.
+
+    The colour jitter has no fixed setting (its factors are always random): only the
+    statistics smoke test covers it.
+    """
+    dali, tv = _first_batch(squares, "dali", **OPS[op]), _first_batch(squares, "torchvision", **OPS[op])
+    without = _first_batch(squares, "torchvision")
+    for d, t, w in zip(dali[:-1], tv[:-1], without[:-1]):
+        assert (d - t).abs().mean() < 0.02, op
+        assert (t - w).abs().mean() > 0.1, op  # the op is visible: a DALI view without it would fail
 
 
 def _view_stats(loader):
@@ -147,6 +183,9 @@ def _view_stats(loader):
 
 
 def test_dali_statistics_match_torchvision(arrays):
+    """Smoke test of the full random recipe: catches gross errors (a view solarized always or
+    never, broken normalisation), not a missing blur, jitter, grayscale or flip, nor a wrong
+    crop scale (those pass within 0.15); `test_dali_op_matches_torchvision` checks the ops."""
     crops = MultiCropConfig(global_size=32, local_size=16, local_crops=2)
     dali = _view_stats(pretrain_loader(arrays, crops, batch_size=256, backend="dali"))
     tv = _view_stats(pretrain_loader(arrays, crops, batch_size=256, backend="torchvision"))

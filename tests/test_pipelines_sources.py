@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import pipelines.scan as scan
 import pipelines.sources as sources
 from pipelines import ArraySource, FileListSource, ImageFolderSource, load_fashion_mnist
 
@@ -132,12 +133,8 @@ def test_fashion_mnist_debian_install():
     assert np.bincount(src.labels).tolist() == [1000] * 10
 
 
-def test_subsets_are_fixed_random_and_read_only_what_they_keep(tmp_path):
-    import numpy as np
-    from PIL import Image
-
-    from pipelines import ArraySource, ImageFolderSource
-
+@pytest.mark.filterwarnings("ignore:Skipping 1 unusable")  # subsets holding broken.jpg warn about it
+def test_subsets_are_fixed_random_and_read_only_what_they_keep(tmp_path, monkeypatch):
     arrays = ArraySource(np.arange(10 * 4, dtype=np.uint8).reshape(10, 2, 2), np.arange(10))
     a, b = arrays.subset(4, seed=1), arrays.subset(4, seed=1)
     assert len(a) == 4 and np.array_equal(a.labels, b.labels) and list(a.labels) == sorted(a.labels)
@@ -147,5 +144,28 @@ def test_subsets_are_fixed_random_and_read_only_what_they_keep(tmp_path):
         for i in range(3):
             Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / cls / f"{i}.jpg")
     (tmp_path / "a" / "broken.jpg").write_bytes(b"")
-    folder = ImageFolderSource(tmp_path).subset(3, seed=0)
-    assert len(folder._candidates) == 3 and folder.num_classes == 2
+    scanned, real_check = [], scan.check_file
+
+    def recording_check(path):
+        scanned.append(path)
+        return real_check(path)
+
+    monkeypatch.setattr(scan, "check_file", recording_check)
+    folder = ImageFolderSource(tmp_path)
+    first, again = folder.subset(3, seed=0), folder.subset(3, seed=0)
+    first.check(), again.check()
+    assert sorted(scanned) == sorted(first._candidates + again._candidates)  # the subset's files, nothing else
+    assert first._candidates == again._candidates and len(first._candidates) == 3  # same seed, same files
+    assert folder.subset(3, seed=1)._candidates != first._candidates
+    assert first.num_classes == 2 and first.classes == ["a", "b"] and first.root == tmp_path
+    # A subset of a scanned source takes its part of the scan: no file is read again.
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        folder.check()
+    scanned.clear()
+    held_broken = 0
+    for seed in range(4):
+        sub = folder.subset(4, seed=seed)
+        usable = [f for f in sub._candidates if not f.endswith("broken.jpg")]
+        assert sub.files == usable
+        held_broken += len(usable) < 4
+    assert scanned == [] and held_broken > 0

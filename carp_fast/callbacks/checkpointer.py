@@ -24,7 +24,9 @@ class Checkpointer(Callback):
     order, run_valid = MetricsLogger.order + 1, False
 
     def __init__(self, out, settings: dict, every: int = 1):
-        self.file, self.settings, self.every = Path(out) / "checkpoint.pth", settings, every
+        from carp_fast.checkpoint import CHECKPOINT_NAME
+
+        self.file, self.settings, self.every = Path(out) / CHECKPOINT_NAME, settings, every
 
     def after_epoch(self):
         "Save on schedule."

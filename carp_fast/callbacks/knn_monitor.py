@@ -59,11 +59,8 @@ class KNNMonitor(Callback):
 
         backbone = getattr(getattr(self.learn.model, "module", self.learn.model), self.network).backbone
         device = next(backbone.parameters()).device
-        was_training = backbone.training
-        try:
-            bank = extract_features(backbone, self.train_dl, device=device, progress=False)
-            queries = extract_features(backbone, self.valid_dl, device=device, progress=False)
-        finally:
-            backbone.train(was_training)
+        # extract_features runs the backbone in eval mode and restores its mode itself.
+        bank = extract_features(backbone, self.train_dl, device=device, progress=False)
+        queries = extract_features(backbone, self.valid_dl, device=device, progress=False)
         result = knn_accuracy(bank.features, bank.labels, queries.features, queries.labels, k=self.k, temperature=self.temperature)
         return result.top1, result.top5

@@ -26,8 +26,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from pipelines.loaders import BACKENDS
+
 from . import data as eval_data
 from .checkpoints import WHICH
+from .fewshot import SEEDS, SHOTS
+from .kmeans import PREPROCESS
+from .knn import KS, TEMPERATURE
 
 PROTOCOLS = ("knn", "kmeans", "linear", "fewshot", "retrieval", "copydetection")
 
@@ -56,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on with CUDA)")
     g.add_argument("--workers", type=int, default=2, help="DALI threads or DataLoader worker processes")
-    g.add_argument("--loader", choices=eval_data.LOADERS, default="auto", help="'auto': pipelines.eval_loader when the pipelines package has it, else the built-in loader")
+    g.add_argument("--backend", choices=BACKENDS, default="auto", help="image pipeline: auto (DALI if installed) | dali | torchvision")
     g.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="feature cache (default %(default)s)")
     g.add_argument("--no-cache", action="store_true", help="always extract, never read or write the cache")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -68,16 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or an ImageNet-layout directory (train/ and val/ or test/)")
     g.add_argument("--train-limit", type=int, default=None, help="a fixed random subset of the training split (e.g. 20000 for a quick bank)")
     g.add_argument("--test-limit", type=int, default=None, help="a fixed random subset of the test split")
+    g.add_argument("--subset-seed", type=int, default=0, help="seed of the --train-limit / --test-limit subsets")
 
     p = sub.add_parser("knn", parents=[common, labelled], help="weighted k-NN (DINO protocol)")
-    p.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbours (paper reports 20)")
-    p.add_argument("--temperature", type=float, default=0.07, help="T in the vote weight exp(sim / T)")
+    p.add_argument("--k", type=int, nargs="+", default=list(KS), help="neighbours (paper reports 20)")
+    p.add_argument("--temperature", type=float, default=TEMPERATURE, help="T in the vote weight exp(sim / T)")
     p.set_defaults(run=run_knn)
 
     p = sub.add_parser("kmeans", parents=[common, labelled], help="faiss k-means, NMI / AMI / ARI")
     p.add_argument("--niter", type=int, default=100)
     p.add_argument("--nredo", type=int, default=20, help="paper appendix D.4 says 20 redos")
-    p.add_argument("--preprocess", choices=("l2", "standardize", "none"), default="l2")
+    p.add_argument("--preprocess", choices=PREPROCESS, default="l2")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_kmeans)
 
@@ -90,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=run_linear)
 
     p = sub.add_parser("fewshot", parents=[common, labelled], help="n labelled images per class, 5 seeds")
-    p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--shots", type=int, nargs="+", default=list(SHOTS))
+    p.add_argument("--seeds", type=int, default=SEEDS)
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=5e-4)
@@ -140,12 +146,9 @@ def run_kmeans(args: argparse.Namespace) -> dict:
     from .kmeans import kmeans_evaluate
 
     train, test = _labelled_features(args)
-    result = kmeans_evaluate(
-        train.features, train.labels, test.features, test.labels,
-        niter=args.niter, nredo=args.nredo, preprocess=args.preprocess, seed=args.seed,
-    )  # fmt: skip
-    protocol = {"niter": args.niter, "nredo": args.nredo, "spherical": True,
-                "preprocess": args.preprocess, "seed": args.seed}  # fmt: skip
+    protocol = {"niter": args.niter, "nredo": args.nredo, "preprocess": args.preprocess, "seed": args.seed,
+                "spherical": True}  # the paper's protocol (appendix D.4)
+    result = kmeans_evaluate(train.features, train.labels, test.features, test.labels, **protocol)
     return _report(args, "k-means", [result._asdict()], protocol, train, test)
 
 
@@ -201,19 +204,13 @@ def run_copydetection(args: argparse.Namespace) -> dict:
 # --- features and output --------------------------------------------------------------
 
 
-def _extraction_settings(args: argparse.Namespace, data: str) -> dict[str, Any]:
-    """Resolve the image size and loader; return the settings that change the features."""
-    small = data == "fashion-mnist"
-    size = args.size or (28 if small else 224)
-    # Fashion-MNIST is 28 px: no resize unless another size is asked for (None = none).
-    resize = args.resize or ((None if size == 28 else size) if small else 256)
+def _extraction_settings(args: argparse.Namespace, **data_settings) -> dict[str, Any]:
+    """Resolve the architecture and backend; return the settings that change the features."""
+    from pipelines.loaders import resolve_backend
+
     if args.arch is None:
         args.arch = _checkpoint_arch(args.checkpoint, args.trust_checkpoint)
-    loader = args.loader
-    if loader == "auto":
-        loader = "pipelines" if _pipelines_available(data) else "builtin"
-    return {"which": args.which, "arch": args.arch, "data": data, "size": size,
-            "resize": resize, "loader": loader}  # fmt: skip
+    return {"which": args.which, "arch": args.arch, "backend": resolve_backend(args.backend), **data_settings}
 
 
 def _checkpoint_arch(path: str, trust: bool) -> str:
@@ -228,15 +225,6 @@ def _checkpoint_arch(path: str, trust: bool) -> str:
     except RuntimeError:  # not a zip checkpoint (legacy format): mmap is unsupported
         checkpoint = read_checkpoint(path, weights_only=not trust)
     return checkpoint_arch(checkpoint) or "resnet50"
-
-
-def _pipelines_available(data: str) -> bool:
-    try:
-        import pipelines
-    except ImportError:
-        return False
-    needed = ["eval_loader"] + (["load_fashion_mnist"] if data == "fashion-mnist" else [])
-    return all(hasattr(pipelines, name) for name in needed)
 
 
 def _features(args: argparse.Namespace, split: str, settings: dict, make_batches: Callable):
@@ -258,36 +246,37 @@ def _features(args: argparse.Namespace, split: str, settings: dict, make_batches
 
 def _labelled_features(args: argparse.Namespace):
     """Train and test :class:`Features` of ``--data``."""
-    settings = _extraction_settings(args, args.data)
+    small = args.data == "fashion-mnist"
+    size = args.size or (28 if small else 224)
+    # Fashion-MNIST is 28 px: no resize unless another size is asked for (None = none).
+    resize = args.resize or ((None if size == 28 else size) if small else 256)
+    settings = _extraction_settings(args, data=args.data, size=size, resize=resize)
     args.settings = settings
     splits = []
     for split, limit in (("train", args.train_limit), ("test", args.test_limit)):
-        split_settings = {**settings, "limit": limit}
-
-        def make_batches(split=split, limit=limit):
-            kwargs = dict(size=settings["size"], resize=settings["resize"], batch_size=args.batch_size,
-                          limit=limit, workers=args.workers)  # fmt: skip
-            if settings["loader"] == "pipelines":
-                return eval_data.pipelines_batches(args.data, split, device=args.device, **kwargs)
-            return eval_data.builtin_batches(args.data, split, **kwargs)
-
-        splits.append(_features(args, split, split_settings, make_batches))
+        make_batches = lambda split=split, limit=limit: eval_data.split_batches(  # noqa: E731
+            args.data, split, size=size, resize=resize, batch_size=args.batch_size, workers=args.workers,
+            backend=args.backend, device=args.device, limit=limit, seed=args.subset_seed,
+        )
+        limited = {"limit": limit, "subset_seed": args.subset_seed} if limit is not None else {"limit": None}
+        splits.append(_features(args, split, {**settings, **limited}, make_batches))
     return splits
 
 
 def _file_features(args: argparse.Namespace, truth):
     """Query and database :class:`Features` of a ground-truth file's image lists."""
-    if args.arch is None:
-        args.arch = _checkpoint_arch(args.checkpoint, args.trust_checkpoint)
-    # Built-in file-list loader: every image resized to size x size (no crop), so they batch.
-    settings = {"which": args.which, "arch": args.arch, "size": args.size or 224, "resize": "square",
-                "ground_truth": str(args.ground_truth.resolve()),
-                "ground_truth_mtime": args.ground_truth.stat().st_mtime_ns}  # fmt: skip
+    size = args.size or 224
+    resize = args.resize or size  # the shorter side to `size`, then the centre square
+    settings = _extraction_settings(
+        args, size=size, resize=resize, ground_truth=str(args.ground_truth.resolve()),
+        ground_truth_mtime=args.ground_truth.stat().st_mtime_ns,
+    )
     args.settings = settings
     out = []
     for split, paths in (("queries", truth.queries), ("database", truth.database)):
         make = lambda paths=paths: eval_data.file_list_batches(  # noqa: E731
-            paths, size=settings["size"], batch_size=args.batch_size, workers=args.workers
+            paths, size=size, resize=resize, batch_size=args.batch_size, workers=args.workers,
+            backend=args.backend, device=args.device,
         )
         out.append(_features(args, split, settings, make))
     return out

@@ -71,16 +71,22 @@ def extract_features(
     was_training = model.training
     model.eval()
     try:
-        result = _extract(model, batches, device, amp, progress, description)
+        features, labels = _extract(model, batches, device, amp, progress, description)
     finally:
         model.train(was_training)
-    # Tensors made under inference mode cannot be saved for backward (a linear probe
-    # trained on them would fail): clone them into ordinary tensors.
-    return Features(result.features.clone(), result.labels.clone())
+    # Concatenated outside inference mode, so the results are ordinary tensors (a linear
+    # probe can be trained on them) without cloning the whole [N, D] matrix on the host.
+    return Features(torch.cat(features).cpu(), torch.cat(labels).cpu().long())
 
 
 @torch.inference_mode()
-def _extract(model, batches, device, amp, progress, description) -> Features:
+def _extract(
+    model, batches, device, amp, progress, description
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-batch features ``[n_b, D]`` float32 (on ``device``) and labels ``[n_b]``.
+
+    These are inference tensors; the caller concatenates them outside inference mode.
+    """
     features, labels = [], []
     with _progress(progress, description, _length(batches)) as advance:
         for batch in batches:
@@ -101,17 +107,54 @@ def _extract(model, batches, device, amp, progress, description) -> Features:
             advance()
     if not features:
         raise ValueError("batches is empty: no images to extract features from")
-    return Features(torch.cat(features).cpu(), torch.cat(labels).cpu().long())
+    return features, labels
 
 
-def check_labelled(features: torch.Tensor, labels: torch.Tensor, split: str) -> None:
-    """Raise a ValueError unless ``features`` is ``[n, D]`` and ``labels`` is ``[n]``."""
+def check_features(features: torch.Tensor, name: str, *, nonempty: bool = True) -> None:
+    """Raise a ValueError unless ``features`` is ``[n, D]`` (with n >= 1 if ``nonempty``).
+
+    ``name`` is the argument's name, used in the message (e.g. ``"test_features"``).
+    """
     if features.ndim != 2:
-        raise ValueError(f"{split}_features must be [n, D], got shape {list(features.shape)}")
+        raise ValueError(f"{name} must be [n, D], got shape {list(features.shape)}")
+    if nonempty and len(features) == 0:
+        raise ValueError(f"{name} is empty: need at least one feature [n >= 1, D]")
+
+
+def check_labelled(
+    features: torch.Tensor, labels: torch.Tensor, split: str, *, nonempty: bool = True
+) -> None:
+    """Raise a ValueError unless ``features`` is ``[n, D]`` and ``labels`` is ``[n]``
+    non-negative integers (class indices); n >= 1 if ``nonempty``.
+
+    Messages name ``{split}_features`` / ``{split}_labels`` (``split``: e.g. ``"train"``).
+    """
+    check_features(features, f"{split}_features", nonempty=nonempty)
     if labels.ndim != 1 or len(labels) != len(features):
         raise ValueError(
             f"{split}_labels must be [n] = [{len(features)}] to match {split}_features, "
             f"got shape {list(labels.shape)}"
+        )
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"{split}_labels must be non-negative integers, got dtype {labels.dtype}")
+    if len(labels) and int(labels.min()) < 0:
+        raise ValueError(
+            f"{split}_labels must be non-negative integers, got min {int(labels.min())}"
+        )
+
+
+def check_same_dim(
+    a: torch.Tensor, b: torch.Tensor, names: tuple[str, str] = ("train_features", "test_features")
+) -> None:
+    """Raise a ValueError unless ``a`` is ``[n, D]`` and ``b`` is ``[m, D]``, n, m >= 1.
+
+    ``names`` are the two arguments' names, used in the messages.
+    """
+    check_features(a, names[0])
+    check_features(b, names[1])
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"{names[0]} and {names[1]} must share D, got {a.shape[1]} and {b.shape[1]}"
         )
 
 

@@ -12,6 +12,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from .features import check_labelled, check_same_dim
 from .linear import linear_probe
 
 SHOTS = (1, 2, 4, 8, 16)
@@ -87,11 +88,10 @@ def few_shot_evaluate(
         ``{n: FewShotResult(n, mean, std, runs)}``; std is the population std (0 for one
         seed).
     """
-    if len(train_labels) != len(train_features):
-        raise ValueError(
-            f"train_labels must match train_features in length, got {len(train_labels)} "
-            f"and {len(train_features)}"
-        )
+    # Checked once up front: the probes below only see the sampled subsets.
+    check_labelled(train_features, train_labels, "train")
+    check_labelled(test_features, test_labels, "test")
+    check_same_dim(train_features, test_features)
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}")
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1

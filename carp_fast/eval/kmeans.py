@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .features import check_labelled
+from .features import check_labelled, check_same_dim
 
 PREPROCESS = ("l2", "standardize", "none")
 
@@ -67,7 +67,8 @@ def kmeans_evaluate(
         :class:`KMeansResult` (NMI, AMI, ARI from scikit-learn).
 
     Raises:
-        ValueError: mismatched lengths, fewer than 2 clusters, k above the sample count.
+        ValueError: malformed or empty features / labels, a D mismatch, fewer than 2
+            clusters, k above the sample count.
     """
     import faiss  # lazy: faiss loads the CUDA runtime
     from sklearn import metrics
@@ -80,11 +81,7 @@ def kmeans_evaluate(
     if test_features is None:
         test_features, test_labels = train_features, train_labels
     check_labelled(test_features, test_labels, "test")
-    if test_features.shape[1] != train_features.shape[1]:
-        raise ValueError(
-            f"train_features and test_features must share D, got {train_features.shape[1]} "
-            f"and {test_features.shape[1]}"
-        )
+    check_same_dim(train_features, test_features)
     if num_clusters is None:
         num_clusters = int(torch.unique(train_labels).numel())
     if num_clusters < 2:
@@ -110,11 +107,9 @@ def kmeans_evaluate(
         verbose=False,
     )
     kmeans.train(train)
-    if spherical:
-        # Unit centroids: the nearest by inner product is the spherical assignment.
-        _, assignment = _nearest(faiss.IndexFlatIP(test.shape[1]), kmeans.centroids, test)
-    else:
-        _, assignment = _nearest(faiss.IndexFlatL2(test.shape[1]), kmeans.centroids, test)
+    # Nearest centroid [n_test] by kmeans.index: inner product for spherical (unit
+    # centroids), L2 otherwise, on the GPU when gpu is set.
+    _, assignment = kmeans.assign(test)
     truth = test_labels.cpu().numpy()
     return KMeansResult(
         nmi=float(metrics.normalized_mutual_info_score(truth, assignment)),
@@ -136,9 +131,3 @@ def _preprocess(train: torch.Tensor, test: torch.Tensor, how: str) -> tuple[np.n
         np.ascontiguousarray(train.float().numpy()),
         np.ascontiguousarray(test.float().numpy()),
     )
-
-
-def _nearest(index, centroids: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    index.add(centroids)
-    distances, ids = index.search(queries, 1)
-    return distances[:, 0], ids[:, 0]

@@ -12,7 +12,8 @@ similarity matrix exists at once (a 1.28M x 2048 ImageNet bank never needs the f
 ``[n_test, n_train]`` matrix). On a machine with CUDA the bank is moved to the GPU and the
 matrix products run there; otherwise everything runs on the CPU.
 
-This module imports only torch: the training loop's k-NN monitor imports it.
+This module imports only torch (and the torch-only input checks of ``features``): the
+training loop's k-NN monitor imports it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .features import check_labelled, check_same_dim
 
 KS = (10, 20, 100, 200)  # DINO's sweep; 20 is the number the paper reports
 TEMPERATURE = 0.07
@@ -66,9 +69,10 @@ def knn_classify(
         Computed in float64 when the features are float64, otherwise float32.
     """
     num_classes = _check_inputs(train_features, train_labels, test_features, k, temperature, num_classes)
+    device = _compute_device(device, test_features)
     scores = [
-        _vote(sims, train_labels_dev[idx], temperature, num_classes)
-        for sims, idx, train_labels_dev in _neighbours(
+        _vote(sims, neighbour_labels, temperature, num_classes)
+        for sims, neighbour_labels in _neighbours(
             train_features, train_labels, test_features, k, device, chunk_size
         )
     ]
@@ -133,33 +137,32 @@ def knn_accuracies(
     ks = tuple(int(k) for k in ks)
     if not ks:
         raise ValueError("ks must hold at least one k, got an empty sequence")
-    if test_labels.ndim != 1 or len(test_labels) != len(test_features):
-        raise ValueError(
-            f"test_labels must be [n_test] = [{len(test_features)}] to match test_features, "
-            f"got shape {list(test_labels.shape)}"
-        )
+    check_labelled(test_features, test_labels, "test")
     num_classes = _check_inputs(
         train_features, train_labels, test_features, max(ks), temperature, num_classes
     )
-    top1 = {k: 0 for k in ks}
-    top5 = {k: 0 for k in ks}
+    device = _compute_device(device, test_features)
+    test_labels = test_labels.to(device=device, dtype=torch.long)  # [n_test], moved once
+    # hits[i] = (top-1, top-5) hit counts for ks[i], summed on the device: no host sync
+    # per chunk, one read at the end.
+    hits = torch.zeros(len(ks), 2, dtype=torch.long, device=device)
     start = 0
-    for sims, idx, train_labels_dev in _neighbours(
+    for sims, neighbour_labels in _neighbours(
         train_features, train_labels, test_features, max(ks), device, chunk_size
     ):
-        targets = test_labels[start : start + len(sims)].to(sims.device).view(-1, 1)
+        targets = test_labels[start : start + len(sims)].view(-1, 1)  # [chunk, 1]
         start += len(sims)
-        neighbour_labels = train_labels_dev[idx]  # [chunk, max(ks)]
-        for k in ks:
+        for i, k in enumerate(ks):
             scores = _vote(sims[:, :k], neighbour_labels[:, :k], temperature, num_classes)
             top_scores, predictions = scores.topk(min(5, num_classes), dim=1)  # [chunk, 5]
             # A class with no votes is never a hit: DINO's sort breaks ties among the
             # zero-score classes arbitrarily, which makes top-5 at small k depend on it.
             correct = predictions.eq(targets) & (top_scores > 0)
-            top1[k] += int(correct[:, 0].sum())  # host sync once per chunk and k
-            top5[k] += int(correct.any(dim=1).sum())
+            hits[i, 0] += correct[:, 0].sum()
+            hits[i, 1] += correct.any(dim=1).sum()
     n = len(test_features)
-    return {k: KNNResult(100.0 * top1[k] / n, 100.0 * top5[k] / n) for k in ks}
+    counts = hits.tolist()  # the one host sync
+    return {k: KNNResult(100.0 * top1 / n, 100.0 * top5 / n) for k, (top1, top5) in zip(ks, counts)}
 
 
 def _check_inputs(
@@ -171,32 +174,15 @@ def _check_inputs(
     num_classes: int | None,
 ) -> int:
     """Validate shapes and arguments; return the number of classes C."""
-    if train_features.ndim != 2 or test_features.ndim != 2:
-        raise ValueError(
-            "train_features and test_features must be 2-d [n, D], got shapes "
-            f"{list(train_features.shape)} and {list(test_features.shape)}"
-        )
-    if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(
-            f"train_features and test_features must share D, got {train_features.shape[1]} "
-            f"and {test_features.shape[1]}"
-        )
-    if train_labels.ndim != 1 or len(train_labels) != len(train_features):
-        raise ValueError(
-            f"train_labels must be [n_train] = [{len(train_features)}] to match "
-            f"train_features, got shape {list(train_labels.shape)}"
-        )
-    if train_labels.is_floating_point() or train_labels.is_complex():
-        raise ValueError(f"train_labels must be integers, got dtype {train_labels.dtype}")
+    check_labelled(train_features, train_labels, "train")
+    check_same_dim(train_features, test_features)
     if not 1 <= k <= len(train_features):
         raise ValueError(
             f"k must be between 1 and the bank size n_train = {len(train_features)}, got {k}"
         )
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    if len(train_labels) and int(train_labels.min()) < 0:
-        raise ValueError(f"train_labels must be >= 0, got min {int(train_labels.min())}")
-    largest = int(train_labels.max()) if len(train_labels) else -1
+    largest = int(train_labels.max())  # the bank is non-empty (checked above)
     if num_classes is None:
         return largest + 1
     if largest >= num_classes:
@@ -207,19 +193,24 @@ def _check_inputs(
     return num_classes
 
 
+def _compute_device(device: torch.device | str | None, test_features: torch.Tensor) -> torch.device:
+    """``device``, else CUDA when available, else the device of ``test_features``."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else test_features.device
+    return torch.device(device)
+
+
 def _neighbours(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
     test_features: torch.Tensor,
     k: int,
-    device: torch.device | str | None,
+    device: torch.device,
     chunk_size: int | None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield, per chunk of test rows, the k largest cosine similarities ``[chunk, k]``
-    (sorted, largest first), their bank indices ``[chunk, k]``, and the bank labels on the
-    compute device ``[n_train]``."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else test_features.device
+    (sorted, largest first) and the labels of those neighbours ``[chunk, k]``, both on
+    ``device``."""
     dtype = torch.float64 if train_features.dtype == torch.float64 else torch.float32
     bank = F.normalize(train_features.to(device=device, dtype=dtype), dim=1)  # [n_train, D]
     labels = train_labels.to(device=device, dtype=torch.long)
@@ -229,7 +220,7 @@ def _neighbours(
         queries = test_features[start : start + chunk_size].to(device=device, dtype=dtype)
         queries = F.normalize(queries, dim=1)  # [chunk, D]
         sims, idx = (queries @ bank.T).topk(k, dim=1, largest=True, sorted=True)
-        yield sims, idx, labels
+        yield sims, labels[idx]
 
 
 def _vote(

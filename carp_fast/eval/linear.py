@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .features import check_labelled
+from .features import check_labelled, check_same_dim
 
 
 class LinearProbeResult(NamedTuple):
@@ -65,13 +65,9 @@ def linear_probe(
     Returns:
         :class:`LinearProbeResult` (top-1, top-5 in percent, and the settings).
     """
-    _check(train_features, train_labels, "train")
-    _check(test_features, test_labels, "test")
-    if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(
-            f"train_features and test_features must share D, got {train_features.shape[1]} "
-            f"and {test_features.shape[1]}"
-        )
+    check_labelled(train_features, train_labels, "train")
+    check_labelled(test_features, test_labels, "test")
+    check_same_dim(train_features, test_features)
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise ValueError(
             f"epochs, batch_size and lr must be positive, got {epochs}, {batch_size}, {lr}"
@@ -129,11 +125,3 @@ def linear_probe(
         top1 = 100.0 * correct[:, 0].float().mean().item()
         top5 = 100.0 * correct.any(dim=1).float().mean().item()
     return LinearProbeResult(top1, top5, settings)
-
-
-def _check(features: torch.Tensor, labels: torch.Tensor, split: str) -> None:
-    check_labelled(features, labels, split)
-    if len(features) == 0:
-        raise ValueError(f"{split}_features is empty")
-    if labels.is_floating_point() or int(labels.min()) < 0:
-        raise ValueError(f"{split}_labels must be non-negative integers, got dtype {labels.dtype}")

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .features import check_same_dim
+
 KAPPAS = (1, 5, 10)  # mP@k reported by revisitop / DINO
 
 
@@ -106,16 +108,7 @@ def rank_database(query_features: torch.Tensor, database_features: torch.Tensor)
     Returns:
         ``ranks [n_db, n_query]``: column q lists database indices, most similar first.
     """
-    if query_features.ndim != 2 or database_features.ndim != 2:
-        raise ValueError(
-            "query_features and database_features must be [n, D], got shapes "
-            f"{list(query_features.shape)} and {list(database_features.shape)}"
-        )
-    if query_features.shape[1] != database_features.shape[1]:
-        raise ValueError(
-            f"query_features and database_features must share D, got "
-            f"{query_features.shape[1]} and {database_features.shape[1]}"
-        )
+    check_same_dim(query_features, database_features, ("query_features", "database_features"))
     q = F.normalize(query_features.double(), dim=1)
     db = F.normalize(database_features.double(), dim=1)
     scores = db @ q.T  # [n_db, n_query]

@@ -11,7 +11,7 @@ import sys
 
 COMMANDS = {
     "train": ("carp_fast.train", "pretrain CARP (recipes' options; default: the embedded Fashion-MNIST run)"),
-    "bench-data": ("pipelines.bench", "images/s of the DALI or torchvision multi-crop pipeline"),
+    "bench-data": ("carp_fast.pipelines.bench", "images/s of the DALI or torchvision multi-crop pipeline"),
     "bench-train": ("carp_fast.bench_train", "images/s of a training step vs a plain baseline and the backbone ceiling"),
     "eval": ("carp_fast.eval.cli", "k-NN, k-means, linear, few-shot, retrieval evaluation of a checkpoint"),
 }

@@ -74,7 +74,7 @@ def _subset(source, n: int, seed: int):
 
 def open_data(settings: TrainSettings):
     """(pretraining source, labelled bank source, labelled query source or None)."""
-    from pipelines import open_split
+    from carp_fast.pipelines import open_split
 
     train = open_split(settings.data, "train", root=settings.data_root)
     return train, train, open_split(settings.data, "test", root=settings.data_root, required=False)
@@ -88,7 +88,7 @@ def train(settings: TrainSettings, config: CARPConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from pipelines import MultiCropConfig, crop_dataloaders, eval_loader, pretrain_loader
+    from carp_fast.pipelines import MultiCropConfig, crop_dataloaders, eval_loader, pretrain_loader
 
     from .callbacks import Checkpointer, KNNMonitor, MetricsLogger, TimeBudget
     from .checkpoint import CHECKPOINT_NAME, check_same_run, load_checkpoint, restore_checkpoint

@@ -1,13 +1,13 @@
 """carp_fast input pipelines: multi-crop pretraining and evaluation views on DALI or torchvision.
 
-    from pipelines import ImageFolderSource, MultiCropConfig, pretrain_loader, crop_dataloaders
+    from carp_fast.pipelines import ImageFolderSource, MultiCropConfig, pretrain_loader, crop_dataloaders
 """
 
-from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropConfig
-from pipelines.datasets import open_split
-from pipelines.epoch_loader import EpochLoader
-from pipelines.loaders import dali_available, eval_loader, pretrain_loader
-from pipelines.sources import ArraySource, FileListSource, ImageFolderSource, load_fashion_mnist
+from carp_fast.pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropConfig
+from carp_fast.pipelines.datasets import open_split
+from carp_fast.pipelines.epoch_loader import EpochLoader
+from carp_fast.pipelines.loaders import dali_available, eval_loader, pretrain_loader
+from carp_fast.pipelines.sources import ArraySource, FileListSource, ImageFolderSource, load_fashion_mnist
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "CropSpec", "MultiCropConfig",
@@ -21,7 +21,7 @@ def __getattr__(name: str):
     # The fastai adapter is imported on first use: fastai takes seconds to import and the
     # loaders (and the benchmark) do not need it.
     if name in ("CropDataLoaders", "EmptyLoader", "crop_dataloaders"):
-        from pipelines import dataloaders
+        from carp_fast.pipelines import dataloaders
 
         return getattr(dataloaders, name)
     raise AttributeError(f"module 'pipelines' has no attribute {name!r}")

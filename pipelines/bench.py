@@ -1,7 +1,7 @@
 """Input-pipeline throughput: DALI vs torchvision multi-crop loading, side by side.
 
-    python -m pipelines.make_jpeg_folder .bench/jpegs --classes 2 --per-class 300
-    python -m pipelines.bench --data .bench/jpegs --backend both --batch-size 32 --workers 2 --seconds 30
+    python -m carp_fast.pipelines.make_jpeg_folder .bench/jpegs --classes 2 --per-class 300
+    python -m carp_fast.pipelines.bench --data .bench/jpegs --backend both --batch-size 32 --workers 2 --seconds 30
     carp-fast bench-data --data .bench/jpegs --backend dali ...
 
 Each backend runs alone for `--seconds` after `--warmup` batches (pipeline build, first
@@ -23,9 +23,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.augment import MultiCropConfig
-from pipelines.loaders import pretrain_loader
-from pipelines.sources import ImageFolderSource
+from carp_fast.pipelines.augment import MultiCropConfig
+from carp_fast.pipelines.loaders import pretrain_loader
+from carp_fast.pipelines.sources import ImageFolderSource
 
 
 def measure(source, crops: MultiCropConfig, backend: str, batch_size: int, workers: int, seconds: float,

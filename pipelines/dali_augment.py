@@ -20,7 +20,7 @@ from __future__ import annotations
 import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 
-from pipelines.augment import CropSpec, solarize_table
+from carp_fast.pipelines.augment import CropSpec, solarize_table
 
 
 def decode(encoded, gpu: bool):

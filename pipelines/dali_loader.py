@@ -24,10 +24,10 @@ import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from pipelines.augment import CropSpec, MultiCropConfig
-from pipelines.dali_augment import decode, eval_view, multicrop_views
-from pipelines.epoch_loader import EpochLoader
-from pipelines.sharding import augment_seed, batches
+from carp_fast.pipelines.augment import CropSpec, MultiCropConfig
+from carp_fast.pipelines.dali_augment import decode, eval_view, multicrop_views
+from carp_fast.pipelines.epoch_loader import EpochLoader
+from carp_fast.pipelines.sharding import augment_seed, batches
 
 
 def _feed(source, batch_list: list[np.ndarray], pending: deque) -> Iterator[tuple]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from fastai.data.core import DataLoaders
 
-from pipelines.epoch_loader import EpochLoader, resolve_device
+from carp_fast.pipelines.epoch_loader import EpochLoader, resolve_device
 
 
 class EmptyLoader:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipelines.sources import ArraySource, EncodedSource, ImageFolderSource, load_fashion_mnist
+from carp_fast.pipelines.sources import ArraySource, EncodedSource, ImageFolderSource, load_fashion_mnist
 
 SPLITS = {"train": ("train",), "test": ("val", "test")}  # sub-folders tried, in order
 

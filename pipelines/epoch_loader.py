@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipelines.sharding import check_shard, eval_order, pretrain_order, pretrain_steps
+from carp_fast.pipelines.sharding import check_shard, eval_order, pretrain_order, pretrain_steps
 
 
 def resolve_device(device) -> torch.device:
@@ -120,7 +120,7 @@ class EpochLoader:
 
     def show_batch(self, max_n: int = 4, **kwargs):
         """Draw the crops of up to `max_n` images of `one_batch()`; returns the figure."""
-        from pipelines.show import show_crops
+        from carp_fast.pipelines.show import show_crops
 
         return show_crops(self.one_batch(), self.mean, self.std, max_n=max_n, **kwargs)
 

@@ -9,9 +9,9 @@ Shard id and count come from Accelerate at the call site:
 
 from __future__ import annotations
 
-from pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropConfig
-from pipelines.epoch_loader import EpochLoader
-from pipelines.sources import as_source
+from carp_fast.pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropConfig
+from carp_fast.pipelines.epoch_loader import EpochLoader
+from carp_fast.pipelines.sources import as_source
 
 BACKENDS = ("auto", "dali", "torchvision")
 
@@ -65,10 +65,10 @@ def pretrain_loader(source, crops: MultiCropConfig | None = None, *, batch_size:
     source = as_source(source).check(strict=strict)
     kw = dict(batch_size=batch_size, device=device, shard_id=shard_id, num_shards=num_shards, seed=seed, workers=workers)
     if resolve_backend(backend) == "dali":
-        from pipelines.dali_loader import dali_pretrain_loader
+        from carp_fast.pipelines.dali_loader import dali_pretrain_loader
 
         return dali_pretrain_loader(source, crops, **kw)
-    from pipelines.torch_loader import torchvision_pretrain_loader
+    from carp_fast.pipelines.torch_loader import torchvision_pretrain_loader
 
     return torchvision_pretrain_loader(source, crops, **kw)
 
@@ -90,9 +90,9 @@ def eval_loader(source, *, size: int = 224, resize: int | None = 256, batch_size
     kw = dict(size=size, resize=resize, mean=mean, std=std, batch_size=batch_size, device=device,
               shard_id=shard_id, num_shards=num_shards, workers=workers)
     if resolve_backend(backend) == "dali":
-        from pipelines.dali_loader import dali_eval_loader
+        from carp_fast.pipelines.dali_loader import dali_eval_loader
 
         return dali_eval_loader(source, **kw)
-    from pipelines.torch_loader import torchvision_eval_loader
+    from carp_fast.pipelines.torch_loader import torchvision_eval_loader
 
     return torchvision_eval_loader(source, **kw)

@@ -1,6 +1,6 @@
 """Generate an ImageNet-like folder of natural-looking JPEGs for tests and benchmarks.
 
-    python -m pipelines.make_jpeg_folder OUT --classes 2 --per-class 300
+    python -m carp_fast.pipelines.make_jpeg_folder OUT --classes 2 --per-class 300
 
 Images are about 400 x 350 px and 100 KB: a smooth colour gradient, a few random
 ellipses and rectangles, and fractal value noise summed over several octaves (coarse

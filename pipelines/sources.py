@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipelines.scan import ScanResult, report_bad, scan_files, to_rgb_png
+from carp_fast.pipelines.scan import ScanResult, report_bad, scan_files, to_rgb_png
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
-from pipelines.augment import CropSpec
+from carp_fast.pipelines.augment import CropSpec
 
 
 def _to_float(mean, std) -> list:

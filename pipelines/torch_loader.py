@@ -17,10 +17,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.io import ImageReadMode, decode_image
 
-from pipelines.augment import MultiCropConfig
-from pipelines.epoch_loader import EpochLoader
-from pipelines.sharding import augment_seed, batches
-from pipelines.torch_augment import crop_transform, eval_transform
+from carp_fast.pipelines.augment import MultiCropConfig
+from carp_fast.pipelines.epoch_loader import EpochLoader
+from carp_fast.pipelines.sharding import augment_seed, batches
+from carp_fast.pipelines.torch_augment import crop_transform, eval_transform
 
 
 def read_image(source, i: int) -> torch.Tensor:

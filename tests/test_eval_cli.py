@@ -16,7 +16,7 @@ from PIL import Image
 from carp_fast.backbones import build_backbone
 from carp_fast.eval import checkpoints
 from carp_fast.eval.cli import main
-from pipelines.sources import FASHION_MNIST_ROOT
+from carp_fast.pipelines.sources import FASHION_MNIST_ROOT
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import ImageFolderSource, MultiCropConfig, eval_loader, pretrain_loader
-from pipelines.make_jpeg_folder import natural_image
+from carp_fast.pipelines import ImageFolderSource, MultiCropConfig, eval_loader, pretrain_loader
+from carp_fast.pipelines.make_jpeg_folder import natural_image
 
 CROPS = MultiCropConfig(global_size=24, local_size=12, local_crops=1)
 BROKEN = ["truncated.jpg", "zero.jpg", "notes.jpg"]

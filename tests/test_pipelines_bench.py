@@ -5,8 +5,8 @@ import json
 import numpy as np
 from PIL import Image
 
-from pipelines import bench
-from pipelines.make_jpeg_folder import main as make_main
+from carp_fast.pipelines import bench
+from carp_fast.pipelines.make_jpeg_folder import main as make_main
 
 
 def test_make_jpeg_folder_is_natural_looking(tmp_path, capsys):

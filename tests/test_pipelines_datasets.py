@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import ArraySource, ImageFolderSource, open_split
+from carp_fast.pipelines import ArraySource, ImageFolderSource, open_split
 
 
 def _class_folders(root, classes=("a", "b"), per_class=2):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fastai.learner import Learner
-from pipelines import ArraySource, MultiCropConfig, crop_dataloaders, eval_loader, pretrain_loader
+from carp_fast.pipelines import ArraySource, MultiCropConfig, crop_dataloaders, eval_loader, pretrain_loader
 
 CROPS = MultiCropConfig(global_size=16, local_size=8, local_crops=2)
 

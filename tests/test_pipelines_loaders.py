@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import ArraySource, ImageFolderSource, MultiCropConfig, eval_loader, pretrain_loader
-from pipelines.make_jpeg_folder import natural_image
+from carp_fast.pipelines import ArraySource, ImageFolderSource, MultiCropConfig, eval_loader, pretrain_loader
+from carp_fast.pipelines.make_jpeg_folder import natural_image
 
 BACKENDS = ["dali", "torchvision"]
 SMALL = MultiCropConfig(global_size=32, local_size=16, local_crops=2)

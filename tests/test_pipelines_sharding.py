@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import ArraySource, MultiCropConfig, eval_loader, pretrain_loader
-from pipelines.sharding import eval_order, pretrain_order, pretrain_steps
+from carp_fast.pipelines import ArraySource, MultiCropConfig, eval_loader, pretrain_loader
+from carp_fast.pipelines.sharding import eval_order, pretrain_order, pretrain_steps
 
 TINY = MultiCropConfig(global_crops=1, global_size=8, local_crops=1, local_size=4)
 

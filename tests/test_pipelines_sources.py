@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import pipelines.scan as scan
-import pipelines.sources as sources
-from pipelines import ArraySource, FileListSource, ImageFolderSource, load_fashion_mnist
+import carp_fast.pipelines.scan as scan
+import carp_fast.pipelines.sources as sources
+from carp_fast.pipelines import ArraySource, FileListSource, ImageFolderSource, load_fashion_mnist
 
 
 def _write_jpegs(folder, n, size=(40, 32)):

@@ -18,7 +18,7 @@ class KNNMonitor(Callback):
 
     Args:
         train_dl, valid_dl: labelled loaders of ``(images [N, 3, S, S], labels [N])``
-            (e.g. ``pipelines.eval_loader``): the feature bank and the queries.
+            (e.g. ``carp_fast.pipelines.eval_loader``): the feature bank and the queries.
         every: epochs between evaluations.
         k, temperature: the vote (paper / DINO: 20 and 0.07).
         network: ``"teacher"`` (default, as the paper evaluates) or ``"student"``.

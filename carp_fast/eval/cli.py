@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from pipelines.loaders import BACKENDS
+from carp_fast.pipelines.loaders import BACKENDS
 
 from . import data as eval_data
 from .checkpoints import WHICH
@@ -206,7 +206,7 @@ def run_copydetection(args: argparse.Namespace) -> dict:
 
 def _extraction_settings(args: argparse.Namespace, **data_settings) -> dict[str, Any]:
     """Resolve the architecture and backend; return the settings that change the features."""
-    from pipelines.loaders import resolve_backend
+    from carp_fast.pipelines.loaders import resolve_backend
 
     if args.arch is None:
         args.arch = _checkpoint_arch(args.checkpoint, args.trust_checkpoint)

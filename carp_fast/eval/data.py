@@ -1,10 +1,10 @@
 """Evaluation batches for ``carp-fast eval``, from the project's own pipelines.
 
 Each loader yields ``(images [N, 3, S, S] float32 normalised, labels [N] int64)`` through
-``pipelines.eval_loader`` (DALI when installed, else torchvision; the shorter side resized to
+``carp_fast.pipelines.eval_loader`` (DALI when installed, else torchvision; the shorter side resized to
 ``resize``, None for none, then a centre crop of ``size``), the same evaluation views that
 training's k-NN monitor uses. ``--data`` means what it means for training
-(:func:`pipelines.open_split`).
+(:func:`carp_fast.pipelines.open_split`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def split_batches(data: str, split: str, *, size: int, resize: int | None, batch
         limit: keep a fixed random subset of this many images (``source.subset(limit, seed)``,
             chosen before any image is decoded); None or more than the split: all of it.
     """
-    from pipelines import eval_loader, open_split
+    from carp_fast.pipelines import eval_loader, open_split
 
     source = open_split(data, split)
     if limit is not None and limit < len(source):
@@ -35,7 +35,7 @@ def file_list_batches(paths: Sequence[str], *, size: int, resize: int | None, ba
                       backend: str = "auto", device: str | None = None) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of the images at ``paths`` (retrieval, copy detection); the label of each
     image is its position in ``paths``."""
-    from pipelines import FileListSource, eval_loader
+    from carp_fast.pipelines import FileListSource, eval_loader
 
     source = FileListSource([(str(path), i) for i, path in enumerate(paths)])
     # strict: a skipped file would shift every later feature against the ground truth.

@@ -3,7 +3,7 @@
 Every protocol in :mod:`carp_fast.eval` works on features ``[N, D]`` computed once by the
 frozen backbone (the teacher by default, paper appendix B.4). Extraction runs over any
 iterable of ``(images [N, 3, S, S] float32, labels [N] int64)`` batches — e.g.
-``pipelines.eval_loader(...)`` or a plain ``torch.utils.data.DataLoader`` — batched, in
+``carp_fast.pipelines.eval_loader(...)`` or a plain ``torch.utils.data.DataLoader`` — batched, in
 bf16 autocast on CUDA (fp32 on the CPU, where autocast gains little), with a rich
 progress bar.
 

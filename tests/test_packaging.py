@@ -1,0 +1,24 @@
+"""`pip install .` installs carp_fast and nothing else at the top level (issue 13, item 4)."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_holds_only_carp_fast_with_every_module(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        check=True, capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("carp_fast-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top_level == {"carp_fast"}
+    # Every module of the source tree is in the wheel: pipelines/ as carp_fast/pipelines/.
+    sources = {f"carp_fast/{p.relative_to(ROOT / 'carp_fast')}" for p in (ROOT / "carp_fast").rglob("*.py")}
+    sources |= {f"carp_fast/pipelines/{p.relative_to(ROOT / 'pipelines')}" for p in (ROOT / "pipelines").rglob("*.py")}
+    missing = sorted(sources - set(names))
+    assert not missing, f"modules left out of the wheel (add their package to pyproject.toml): {missing}"

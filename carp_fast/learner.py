@@ -2,8 +2,9 @@
 
 :func:`carp_learner` wires the pieces the way the paper trains (appendix C.1): LARS
 (momentum 0.9, eta 0.001, no weight decay or adaptation on 1-d parameters), weight decay
-1e-6, learning rate ``base_lr * global_batch / 256`` with cosine decay to 1 % of it, a
-teacher momentum cosine from 0.99 to 1, mixed precision, SyncBatchNorm, and gradient
+1e-6, learning rate ``base_lr * global_batch / 256`` with cosine decay (no warm-up) to the
+absolute ``final_lr`` (not scaled with the batch, as the official code), a teacher momentum
+cosine from 0.99 to 1, mixed precision, SyncBatchNorm, and gradient
 accumulation toward a global batch of 4096. Processes and devices come from Accelerate.
 """
 
@@ -15,7 +16,7 @@ from functools import partial
 
 import torch
 from fastai.callback.core import Callback, CancelEpochException, TrainEvalCallback
-from fastai.callback.schedule import ParamScheduler, SchedCos
+from fastai.callback.schedule import SchedCos
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
 
@@ -25,6 +26,7 @@ from .callbacks.epoch_sync import EpochSync
 from .callbacks.precision import PRECISIONS, auto_channels_last, auto_precision, precision_callbacks
 from .callbacks.progress import RichProgress
 from .callbacks.recorder import DeviceRecorder
+from .callbacks.schedule import OptimizerStepScheduler
 from .callbacks.teacher_ema import TeacherEMA
 from .lars import LARS
 from .loss import CARPLoss
@@ -55,10 +57,10 @@ class CARPConfig:
     teacher_batch_stats: bool = setting(True, "teacher BatchNorm on batch statistics, as DINO/BYOL")
     # Optimisation
     optimizer: str = setting("lars", "lars (paper) | adamw (better for short, small runs)")
-    base_lr: float = setting(0.6, "per 256 images; 0.6 up to 200 epochs, 0.3 for 400+ (paper)")
-    final_lr_fraction: float = setting(0.01, "cosine decay to base_lr * this (0.6 -> 0.006)")
+    base_lr: float = setting(0.6, "peak lr per 256 images (x global_batch / 256); 0.6 up to 200 epochs, 0.3 for 400 (paper C.1)")
+    final_lr: float = setting(0.006, "absolute lr at the end of the cosine, not scaled with the batch; 0.006 with base 0.6, 0.003 with 0.3")
     weight_decay: float = setting(1e-6, "L2 weight decay of >1-d parameters (paper: 1e-6)")
-    final_weight_decay: float | None = setting(None, "cosine weight decay schedule end; None: constant")
+    final_weight_decay: float | None = setting(None, "absolute weight decay at the end of its cosine; None: constant")
     lars_momentum: float = setting(0.9, "LARS heavy-ball momentum")
     lars_eta: float = setting(0.001, "LARS trust coefficient")
     batch_size: int = setting(64, "images per process per micro-batch")
@@ -80,7 +82,7 @@ class CARPConfig:
             (self.n_prototypes >= 1, "n_prototypes must be >= 1"),
             (1 <= self.block_size <= self.n_prototypes, f"block_size must be in [1, n_prototypes={self.n_prototypes}]"),
             (self.base_lr > 0, "base_lr must be > 0"),
-            (0 <= self.final_lr_fraction <= 1, "final_lr_fraction must be in [0, 1]"),
+            (0 <= self.final_lr, "final_lr must be >= 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (self.batch_size >= 1 and self.global_batch >= 1, "batch_size and global_batch must be >= 1"),
             (0 <= self.teacher_momentum <= 1, "teacher_momentum must be in [0, 1]"),
@@ -160,7 +162,7 @@ def carp_learner(dls, config: CARPConfig, *, accelerator=None, cbs=None, path: s
     Args:
         dls: fastai ``DataLoaders`` whose training batches are
             ``(crop_0 [N,3,G,G], ..., crop_{V-1} [N,3,L,L], labels [N])`` with the
-            ``config.global_crops`` global crops first (see ``pipelines.crop_dataloaders``).
+            ``config.global_crops`` global crops first (see ``carp_fast.pipelines.crop_dataloaders``).
         config: the run's settings.
         accelerator: an ``accelerate.Accelerator``; one is made if None. Its device is used,
             and with several processes the model is wrapped in DistributedDataParallel.
@@ -198,14 +200,14 @@ def carp_learner(dls, config: CARPConfig, *, accelerator=None, cbs=None, path: s
 
     lr = config.peak_lr()
     final_wd = config.weight_decay if config.final_weight_decay is None else config.final_weight_decay
-    schedules = {"lr": SchedCos(lr, lr * config.final_lr_fraction), "wd": SchedCos(config.weight_decay, final_wd)}
+    schedules = {"lr": SchedCos(lr, config.final_lr), "wd": SchedCos(config.weight_decay, final_wd)}
     callbacks = [
         TrainEvalCallback(),
         EpochSync(),
         DeviceRecorder(valid_metrics=len(dls.valid) > 0 if dls.valid is not None else False),
         GradientAccumulation(n_acc),
         *precision_callbacks(precision, device),
-        ParamScheduler(schedules),
+        OptimizerStepScheduler(schedules),
         TeacherEMA(config.teacher_momentum),
         CARPStats(every=config.log_every),
     ]

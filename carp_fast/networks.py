@@ -44,7 +44,10 @@ def batches_by_resolution(crops: Sequence[Tensor]) -> list[Tensor]:
 
 
 class ProjectionHead(nn.Module):
-    """Three Linear layers with BatchNorm + GELU between them: ``[M, in] -> [M, out]``."""
+    """Three Linear layers with BatchNorm + GELU between them: ``[M, in] -> [M, out]``.
+
+    The Linear layers start from trunc-normal weights (std 0.02) and zero biases.
+    """
 
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 256):
         super().__init__()
@@ -57,6 +60,12 @@ class ProjectionHead(nn.Module):
             nn.GELU(),
             nn.Linear(hidden_dim, out_dim),
         )
+        # As the official head (modules/carp_head.py, after DINO): trunc-normal weights with
+        # std 0.02 and zero biases, not PyTorch's fan-in uniform default.
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mlp(x)

@@ -48,7 +48,7 @@ def test_learning_rate_scaling_and_cosine_decay(tiny_dls, tiny_config):
     learn.fit(1)
     peak = 0.6 * 8 / 256
     # fastai's cosine at pct_train = i / n for the n = 4 batches of the fit.
-    expected = [peak + (1 + torch.cos(torch.tensor(torch.pi * (1 - i / 4))).item()) * (0.01 * peak - peak) / 2 for i in range(4)]
+    expected = [peak + (1 + torch.cos(torch.tensor(torch.pi * (1 - i / 4))).item()) * (tiny_config.final_lr - peak) / 2 for i in range(4)]
     assert learn.recorder.lrs == pytest.approx(expected)
 
 

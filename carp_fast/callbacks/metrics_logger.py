@@ -13,8 +13,10 @@ class MetricsLogger(Callback):
     """Writes one line per epoch to ``out/metrics.jsonl`` and curves to TensorBoard.
 
     Each line holds epoch, step, loss, consistency, entropy, agreement, lr, momentum,
-    prototypes_hit, perplexity, images_per_s, seconds, and knn_top1/knn_top5 in epochs
-    where :class:`~carp_fast.callbacks.KNNMonitor` ran. TensorBoard (``out/tensorboard``)
+    prototypes_hit, perplexity, images_per_s, seconds, ``lr_first_step`` and
+    ``lr_last_step`` (the learning rate of the epoch's first and last optimizer step: the
+    first line shows where the schedule starts, the last line where it ends), and
+    knn_top1/knn_top5 in epochs where :class:`~carp_fast.callbacks.KNNMonitor` ran. TensorBoard (``out/tensorboard``)
     gets every interval logged by :class:`~carp_fast.callbacks.CARPStats` against the step.
 
     A resumed run (``learn.first_epoch`` > 0) drops the lines of that epoch or later, which a
@@ -50,6 +52,14 @@ class MetricsLogger(Callback):
             self.writer = SummaryWriter(str(self.file.parent / "tensorboard"), purge_step=self.learn.train_iter or None)
         self._start = time.perf_counter()
 
+    def before_epoch(self):
+        "Forget the previous epoch's learning rates."
+        self._lrs = []
+
+    def after_step(self):
+        "Note the learning rate of an optimizer step (accumulating micro-batches never get here)."
+        self._lrs = [self._lrs[0] if self._lrs else self.learn.opt.hypers[-1]["lr"], self.learn.opt.hypers[-1]["lr"]]
+
     def after_epoch(self):
         "Append the epoch's line; send the new intervals to TensorBoard."
         if not self.enabled:
@@ -57,6 +67,8 @@ class MetricsLogger(Callback):
         record = {"epoch": self.learn.epoch, **getattr(self.learn, "carp_epoch", {})}
         record["images_per_s"] = getattr(self.learn, "images_per_s", None)
         record["seconds"] = time.perf_counter() - self._start
+        if self._lrs:
+            record.update(lr_first_step=self._lrs[0], lr_last_step=self._lrs[-1])
         knn = getattr(self.learn, "knn_monitor", None)
         if knn is not None and knn.history and knn.history[-1]["epoch"] == self.learn.epoch:
             record.update(knn_top1=knn.history[-1]["knn_top1"], knn_top5=knn.history[-1]["knn_top5"])

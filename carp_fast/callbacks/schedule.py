@@ -1,0 +1,25 @@
+"""Hyper-parameter schedules indexed by optimizer step, as the official CARP code indexes them."""
+
+from __future__ import annotations
+
+from fastai.callback.schedule import ParamScheduler
+
+
+class OptimizerStepScheduler(ParamScheduler):
+    """fastai's :class:`~fastai.callback.schedule.ParamScheduler`, advanced per optimizer step.
+
+    fastai moves a schedule every batch (``pct_train = batch / total batches``). With gradient
+    accumulation over ``n`` micro-batches that puts the first optimizer step at
+    ``pct = (n - 1) / total`` instead of 0, so no step ever sees the peak learning rate. Here
+    every micro-batch of optimizer step ``s`` uses ``pct = s / S`` (``S`` optimizer steps in
+    the fit): the official ``cosine_scheduler`` array indexed by iteration. Without
+    accumulation it equals fastai's.
+
+    Reads the accumulation from ``learn.gradient_accumulation.n_steps`` (1 if absent).
+    """
+
+    def before_batch(self):
+        "Set every scheduled hyper-parameter for the current optimizer step."
+        n_acc = getattr(getattr(self.learn, "gradient_accumulation", None), "n_steps", 1)
+        total_steps = max(1, (self.n_epoch * self.n_iter) // n_acc)
+        self._update_val(min(1.0, (self.train_iter // n_acc) / total_steps))

@@ -3,20 +3,23 @@
     python benchmarks/cpu_precision.py [--batch-size 256] [--repeats 3] [--steps 2]
 
 The embedded default's model (resnet10_tiny, K = 1024, B = 64, head 512 -> 128, 2 x 28 px +
-2 x 14 px crops) trained by bench-train's step (:class:`carp_fast.bench_train.OurStep`:
-forward, ``carp_block_loss``, backward, LARS, EMA) on one random batch. The four settings are
-timed in rotating order in one process, so machine noise hits them alike; the median of the
-repeats is printed. This is the measurement behind ``CARPConfig(precision="auto")`` choosing
+2 x 14 px crops) trained by carp_fast's Learner with all its callbacks
+(:func:`benchmarks.bench_train.learner_step`) on one random in-memory batch. The four settings
+are timed in rotating order in one process, so machine noise hits them alike; the median of
+the repeats is printed. This is the measurement behind ``CARPConfig(precision="auto")`` choosing
 bf16 + channels_last on CPUs with bf16 units.
 """
 
 import argparse
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 
-from carp_fast.bench_train import OurStep, rotated, synthetic_crops, time_steps
-from carp_fast.networks import StudentTeacher
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's benchmarks/
+from benchmarks.bench_train import learner_step, rotated, synthetic_crops  # noqa: E402
+from carp_fast.learner import CARPConfig  # noqa: E402
 
 SETTINGS = {  # name: (precision, channels_last)
     "fp32": ("fp32", False),
@@ -30,20 +33,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=2, help="training steps per timing")
+    parser.add_argument("--steps", type=int, default=2, help="timed training steps per fit (after 1 untimed)")
     args = parser.parse_args()
     cpu = torch.device("cpu")
     crops = synthetic_crops(args.batch_size, 2, 28, 2, 14, cpu)
     steps = {}
     for name, (precision, channels_last) in SETTINGS.items():
-        model = StudentTeacher("resnet10_tiny", 1024, 64, hidden_dim=512, embed_dim=128).train()
-        steps[name] = OurStep(model, precision, channels_last, compile_mode=None)
-        steps[name](crops)  # warm-up
+        config = CARPConfig(arch="resnet10_tiny", n_prototypes=1024, block_size=64, hidden_dim=512, embed_dim=128,
+                            optimizer="adamw", batch_size=args.batch_size, global_batch=args.batch_size,
+                            precision=precision, channels_last=channels_last, sync_bn=False, log_every=10)
+        _, steps[name] = learner_step(config, crops, args.steps, warmup=1)
+        steps[name]()  # warm-up: the Learner's set-up
 
     images_per_s = {name: [] for name in steps}
     for r in range(args.repeats):
         for name in rotated(list(steps), r):
-            images_per_s[name].append(args.batch_size / time_steps(steps[name], crops, args.steps, cpu))
+            images_per_s[name].append(args.batch_size / steps[name]())
     base = statistics.median(images_per_s["fp32"])
     for name, values in images_per_s.items():
         median = statistics.median(values)

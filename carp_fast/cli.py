@@ -1,4 +1,6 @@
-"""The ``carp-fast`` console command: ``train``, ``bench-data``, ``bench-train``, ``eval``.
+"""The ``carp-fast`` console command: ``train``, ``bench-data``, ``eval``.
+
+The training-step benchmark is a script of the repository, ``benchmarks/bench_train.py``.
 
 Each subcommand hands its remaining arguments to the module that owns it, so ``--help``
 of a subcommand lists exactly that module's options.
@@ -12,7 +14,6 @@ import sys
 COMMANDS = {
     "train": ("carp_fast.train", "pretrain CARP (recipes' options; default: the embedded Fashion-MNIST run)"),
     "bench-data": ("carp_fast.pipelines.bench", "images/s of the DALI or torchvision multi-crop pipeline"),
-    "bench-train": ("carp_fast.bench_train", "images/s of a training step vs a plain baseline and the backbone ceiling"),
     "eval": ("carp_fast.eval.cli", "k-NN, k-means, linear, few-shot, retrieval evaluation of a checkpoint"),
 }
 

@@ -1,5 +1,6 @@
 """`pip install .` installs carp_fast and nothing else at the top level (issue 13, item 4)."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -9,8 +10,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_holds_only_carp_fast_with_every_module(tmp_path):
+    # Build from a copy: setuptools leaves build/ beside the sources, and stale files there
+    # would go into later wheels.
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("carp_fast", "pipelines"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src)],
         check=True, capture_output=True,
     )
     (wheel,) = tmp_path.glob("carp_fast-*.whl")

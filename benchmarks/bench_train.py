@@ -1,27 +1,25 @@
-"""Training-step speed: our CARP step against a plain baseline and the compute ceiling.
+"""Training-step speed: carp_fast's Learner against the paper's plain step and the compute ceiling.
 
-    carp-fast bench-train --arch resnet50 --batch-size 96 --precision bf16 --steps 20
-    python -m carp_fast.bench_train --arch resnet18_small --global-size 32 --local-size 16 \\
+    python benchmarks/bench_train.py --arch resnet50 --batch-size 96 --precision bf16 --steps 20
+    python benchmarks/bench_train.py --arch resnet18_small --global-size 32 --local-size 16 \\
         --prototypes 4096 --block-size 256 --batch-size 8 --steps 3          # CPU smoke run
 
-Three measurements on the same device, the same synthetic batch (already on the device)
-and the same initial weights, alternated ``--repeats`` times so that machine noise hits
-them alike; each reports the median over repeats:
+Three measurements on the same device, the same synthetic batch (already on the device, so
+no input pipeline is timed) and the same initial weights, alternated ``--repeats`` times so
+that machine noise hits them alike; each reports the median over repeats:
 
-- ``ours``: the library's step. ``StudentTeacher`` forward (block logits from the permuted
-  prototype matrix, no ``[N, K]`` gather), ``carp_block_loss`` (softmax and loss in fp32),
-  backward, foreach LARS, fused EMA (``torch._foreach_lerp_``); ``--precision`` autocast,
-  channels_last and ``torch.compile`` as chosen.
-- ``baseline``: the step written the way the paper's official loop does it (appendix E):
-  fp16 autocast with a grad scaler on CUDA (fp32 on the CPU by default), full ``[N, K]``
-  logits gathered per view with ``logits[:, perm.flatten()].split(B)``, a per-parameter
-  LARS loop, a per-parameter ``p.data = ...`` EMA loop, NCHW, no compile.
+- ``ours``: what users run, ``learn.fit`` of :func:`carp_fast.learner.carp_learner` with
+  every callback it trains with (gradient accumulation, precision, schedules, teacher EMA,
+  statistics, recorder, progress measurement), on a loader that repeats the batch;
+- ``baseline``: the step of the paper's official loop (``benchmarks/paper_step.py``):
+  fp16 + grad scaler on CUDA (fp32 on the CPU by default), ``[N, K]`` logits gathered per
+  view, per-parameter LARS and EMA loops, NCHW;
 - ``ceiling``: the backbone passes alone (student forward + backward, one pass per
-  resolution; teacher forward on the global crops) with ours' precision, memory format and
-  compiled backbones: no step can be faster.
+  resolution; teacher forward on the global crops) with ours' precision and memory format:
+  no step can be faster.
 
-The last line printed is one JSON object (see :func:`run`). Timing: CUDA events and one
-synchronize per repeat on a GPU, ``time.perf_counter`` on the CPU. Peak memory:
+The last line printed is one JSON object (see :func:`run`). Timing: ``time.perf_counter``
+around the timed steps, with one device synchronisation at each end on a GPU. Peak memory:
 ``torch.cuda.max_memory_allocated`` per measurement on CUDA; on the CPU the process's peak
 RSS (``resource.getrusage``), one number for the whole run.
 """
@@ -29,10 +27,8 @@ RSS (``resource.getrusage``), one number for the whole run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
-import math
 import os
 import platform
 import resource
@@ -40,22 +36,22 @@ import statistics
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
+from fastai.callback.core import Callback
 from torch import Tensor
 
-from .backbones import ARCHITECTURES
-from .callbacks.precision import auto_channels_last, auto_precision
-from .callbacks.teacher_ema import ema_update
-from .lars import LARS
-from .loss import carp_block_loss
-from .networks import StudentTeacher, batches_by_resolution
+if __package__ in (None, ""):  # run as a script: make the repository's benchmarks/ importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PRECISIONS = ("bf16", "fp16", "fp32")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-LR, TEACHER_MOMENTUM = 0.05, 0.996  # constant: their values do not change the cost of a step
+from benchmarks.paper_step import PaperStep, autocast, baseline_loss, blocks_by_gather  # noqa: E402
+from carp_fast.backbones import ARCHITECTURES  # noqa: E402
+from carp_fast.callbacks.precision import PRECISIONS, auto_channels_last, auto_precision  # noqa: E402
+from carp_fast.learner import CARPConfig, carp_learner  # noqa: E402
+from carp_fast.loss import carp_block_loss  # noqa: E402
+from carp_fast.networks import StudentTeacher, batches_by_resolution  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- the batch
@@ -69,190 +65,85 @@ def synthetic_crops(batch_size: int, global_crops: int, global_size: int, local_
     return [torch.randn(batch_size, 3, s, s, generator=gen).to(device) for s in sizes]
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[precision])
-
-
-def _scaler(device: torch.device, precision: str):
-    # fp16 needs loss scaling; GradScaler.step reads found_inf on the host (a sync per step).
-    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
-
-
-def _backward_and_step(loss: Tensor, opt: torch.optim.Optimizer, scaler) -> None:
-    """Backward, optimizer step (through the grad scaler when there is one), zero grads."""
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    else:
-        loss.backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
 # ----------------------------------------------------------------------------- our step
 
-class OurStep:
-    """The library's training step: forward, ``carp_block_loss``, backward, LARS, EMA.
+class StepTimer(Callback):
+    """Seconds per training step of a fit, the first ``skip`` batches excluded (warm-up).
 
-    Args:
-        model: the :class:`StudentTeacher` (moved to the device; this step owns it).
-        precision: autocast dtype for the forward pass; the loss runs in fp32 regardless.
-        channels_last: convert the model once and the crops every step (as the learner's
-            ``_ChannelsLastInputs`` does), so the conversion is part of the measured cost.
-        compile_mode: None, or a ``torch.compile`` mode for the backbones, heads and loss
-            (``"reduce-overhead"`` records CUDA graphs on a GPU).
+    Times from the end of batch ``skip - 1`` to the end of the last batch, so everything a
+    batch does (every callback's work included) is inside the clock; on CUDA the device is
+    synchronised at those two points only.
     """
 
-    def __init__(self, model: StudentTeacher, precision: str, channels_last: bool, compile_mode: str | None):
-        self.model, self.precision, self.channels_last = model, precision, channels_last
-        self.device = next(model.parameters()).device
-        self.student_params = list(model.student.parameters())
-        self.teacher_params = list(model.teacher.parameters())
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        self.loss_fn: Callable = carp_block_loss
-        self.compile_mode = compile_mode
-        if compile_mode is not None:
-            for net in (model.student, model.teacher):
-                # dynamic=False: two crop sizes give two static graphs, not symbolic shapes.
-                net.backbone = torch.compile(net.backbone, mode=compile_mode, dynamic=False)
-                net.head = torch.compile(net.head, mode=compile_mode, dynamic=False)
-            self.loss_fn = torch.compile(carp_block_loss, mode=compile_mode, dynamic=False)
-        self.opt = LARS(self.student_params, lr=LR, momentum=0.9, weight_decay=1e-6, eta=0.001)
-        self.scaler = _scaler(self.device, precision)
+    order = 1000  # after_batch after every other callback
 
-    def __call__(self, crops: Sequence[Tensor]) -> Tensor:
-        if self.compile_mode == "reduce-overhead" and self.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()  # outputs of the last step may be reused
-        if self.channels_last:
-            crops = [x.contiguous(memory_format=torch.channels_last) for x in crops]
-        with _autocast(self.device, self.precision):
-            out = self.model(*crops)  # student [V_s, N, P, B], teacher [V_t, N, P, B]
-            loss = self.loss_fn(out.student, out.teacher).total
-        _backward_and_step(loss, self.opt, self.scaler)
-        ema_update(self.teacher_params, self.student_params, TEACHER_MOMENTUM)
-        return loss.detach()
+    def __init__(self, skip: int):
+        self.skip, self.seconds = skip, []
+
+    def after_batch(self):
+        if self.iter == self.skip - 1 or self.iter == self.n_iter - 1:
+            _synchronize(self.dls.device)
+            now = time.perf_counter()
+            if self.iter == self.skip - 1:
+                self._start = now
+            else:
+                self.seconds.append((now - self._start) / (self.n_iter - self.skip))
 
 
-# ----------------------------------------------------------------------------- the baseline
+class RepeatedBatch:
+    """A loader that yields the same (already on-device) batch ``n`` times: no data cost."""
 
-class LoopLARS(torch.optim.Optimizer):
-    """LARS written per parameter, as the official CARP / DINO / BYOL code has it.
+    def __init__(self, batch: tuple, n: int):
+        self.batch, self.n = batch, n
 
-    Same update as :class:`carp_fast.lars.LARS` (so both give the same parameters), one
-    Python iteration and several small kernels per parameter.
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return (self.batch for _ in range(self.n))
+
+
+def learner_step(config: CARPConfig, crops: Sequence[Tensor], steps: int, warmup: int):
+    """carp_fast's Learner with every callback it trains with, on one in-memory batch.
+
+    Returns ``(learn, step)``: ``step()`` runs one ``learn.fit(1)`` of ``warmup + steps``
+    batches and returns its seconds per step (``warmup`` batches untimed).
     """
+    from accelerate import Accelerator
+    from fastai.data.core import DataLoaders
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 1e-6, eta: float = 0.001):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
+    device = crops[0].device
+    labels = torch.zeros(crops[0].shape[0], dtype=torch.long, device=device)
+    dls = DataLoaders(RepeatedBatch((*crops, labels), warmup + steps), [])
+    timer = StepTimer(skip=warmup)
+    learn = carp_learner(dls, config, accelerator=Accelerator(cpu=device.type == "cpu"), cbs=[timer], progress=False)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                dp = p.grad
-                if p.ndim > 1:  # no weight decay and no trust ratio for biases and BatchNorm
-                    dp = dp.add(p, alpha=g["weight_decay"])
-                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
-                    one = torch.ones_like(param_norm)
-                    q = torch.where(param_norm > 0.0, torch.where(update_norm > 0, g["eta"] * param_norm / update_norm, one), one)
-                    dp = dp.mul(q)
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                mu.mul_(g["momentum"]).add_(dp)
-                p.add_(mu, alpha=-g["lr"])
+    def step() -> float:
+        learn.fit(1)
+        return timer.seconds[-1]
 
-
-def _blocks_by_gather(logits: Tensor, perm: Tensor, block_size: int) -> Tensor:
-    """Paper appendix E ``get_logits_gr``: ``[N, K] -> [P, N, B]`` probabilities.
-
-    The softmax runs in fp32, as CUDA fp16 autocast runs it."""
-    blocks = logits[:, perm].split(block_size, dim=1)  # P x [N, B]; the gather copies [N, K]
-    return F.softmax(torch.stack(blocks, dim=0).float(), dim=-1)  # [P, N, B]
-
-
-def baseline_loss(preds: Sequence[Tensor], targets: Sequence[Tensor]) -> Tensor:
-    """Paper appendix E ``loss_fn`` for V_s student and V_t teacher views.
-
-    Args:
-        preds: V_s student probabilities ``[P, N, B]``; targets: V_t teacher ones (detached).
-
-    The appendix sums its two (i, j) pairs and writes ``log(K)``; here the pairs are
-    averaged and the constant is ``log(B)``, the objective of DESIGN.md section 1, so that
-    the two implementations compute one number. ``clamp`` guards the log as the library does.
-    """
-    eps = torch.finfo(torch.float32).eps
-    pairs = [(i, j) for i in range(len(preds)) for j in range(len(targets)) if i != j]
-    consistency = sum(-torch.log(torch.einsum("knc,knc->kn", preds[i], targets[j]).clamp(eps, 1 - eps)).mean()
-                      for i, j in pairs) / len(pairs)
-    probs = torch.cat([torch.cat(list(preds), dim=1), torch.cat(list(targets), dim=1)], dim=1)  # [P, V*N, B]
-    pbar = probs.mean(dim=1)  # [P, B]
-    entropy = (math.log(pbar.shape[-1]) + (pbar * torch.log(pbar)).sum(dim=-1)).mean()
-    return consistency + entropy
-
-
-class BaselineStep:
-    """The plain step of the paper's official loop; see the module docstring.
-
-    Args:
-        model: its own :class:`StudentTeacher` (a copy of ours' initial weights).
-        precision: ``"fp16"`` (with a grad scaler) on CUDA as the official code; on the CPU
-            ``"fp32"`` (default) or ``"bf16"``.
-    """
-
-    def __init__(self, model: StudentTeacher, precision: str):
-        self.model, self.precision = model, precision
-        self.device = next(model.parameters()).device
-        self.opt = LoopLARS(model.student.parameters(), lr=LR)
-        self.scaler = _scaler(self.device, precision)
-
-    def __call__(self, crops: Sequence[Tensor]) -> Tensor:
-        model, n_student, n_teacher = self.model, len(crops), self.model.global_crops
-        with _autocast(self.device, self.precision):
-            z = model.student.embed(crops)  # [V_s*N, D]
-            with torch.no_grad():
-                w = model.teacher.embed(crops[:n_teacher])  # [V_t*N, D]
-            partition = model.partitioner(device=z.device)  # [P, B]
-            perm, block_size = partition.flatten(), partition.shape[1]
-            s_logits = model.student.prototypes(z).chunk(n_student)  # V_s x [N, K]
-            preds = [_blocks_by_gather(x, perm, block_size) for x in s_logits]  # V_s x [P, N, B]
-            with torch.no_grad():
-                t_logits = model.teacher.prototypes(w).chunk(n_teacher)  # V_t x [N, K]
-                targets = [_blocks_by_gather(x, perm, block_size) for x in t_logits]
-            loss = baseline_loss(preds, targets)
-        _backward_and_step(loss, self.opt, self.scaler)
-        with torch.no_grad():
-            m = TEACHER_MOMENTUM
-            for pt, ps in zip(model.teacher.parameters(), model.student.parameters()):
-                pt.data = pt.data * m + ps.data * (1 - m)
-        return loss.detach()
+    return learn, step
 
 
 # ----------------------------------------------------------------------------- the ceiling
 
 class CeilingStep:
-    """Backbone passes alone, with ours' (possibly compiled) backbones, precision and format:
-    student forward + backward on all crops (one pass per resolution), teacher forward on
-    the global crops. No head, prototypes, loss, optimizer or EMA."""
+    """Backbone passes alone, with ours' precision and memory format: student forward +
+    backward on all crops (one pass per resolution), teacher forward on the global crops.
+    No head, prototypes, loss, optimizer or EMA."""
 
-    def __init__(self, ours: OurStep):
-        self.ours = ours
-        self.backbone_params = list(ours.model.student.backbone.parameters())
+    def __init__(self, model: StudentTeacher, precision: str, channels_last: bool):
+        self.model, self.precision, self.channels_last = model, precision, channels_last
+        self.device = next(model.parameters()).device
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.backbone_params = list(model.student.backbone.parameters())
 
     def __call__(self, crops: Sequence[Tensor]) -> Tensor:
-        ours, model = self.ours, self.ours.model
-        if ours.compile_mode == "reduce-overhead" and ours.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
-        if ours.channels_last:
+        model = self.model
+        if self.channels_last:
             crops = [x.contiguous(memory_format=torch.channels_last) for x in crops]
-        with _autocast(ours.device, ours.precision):
+        with autocast(self.device, self.precision):
             total = sum(model.student.backbone(x).float().sum() for x in batches_by_resolution(crops))
             with torch.no_grad():
                 for x in batches_by_resolution(crops[: model.global_crops]):
@@ -297,7 +188,7 @@ def time_logit_paths(n_rows: int, n_student: int, n_teacher: int, dim: int, n_pr
     Returns:
         milliseconds per pass (median over repeats) of ``block`` and ``gather`` and their ratio.
     """
-    from .networks import Prototypes
+    from carp_fast.networks import Prototypes
 
     gen = torch.Generator().manual_seed(1)
     protos = Prototypes(dim, n_prototypes).to(device)
@@ -314,9 +205,9 @@ def time_logit_paths(n_rows: int, n_student: int, n_teacher: int, dim: int, n_pr
 
     def gather(_):
         perm = partition.flatten()
-        preds = [_blocks_by_gather(x, perm, block_size) for x in protos(z).chunk(n_student)]
+        preds = [blocks_by_gather(x, perm, block_size) for x in protos(z).chunk(n_student)]
         with torch.no_grad():
-            targets = [_blocks_by_gather(x, perm, block_size) for x in protos(w).chunk(n_teacher)]
+            targets = [blocks_by_gather(x, perm, block_size) for x in protos(w).chunk(n_teacher)]
         baseline_loss(preds, targets).backward()
 
     paths = {"block": block, "gather": gather}
@@ -350,7 +241,7 @@ def _peak_rss_mib() -> float:
 # ----------------------------------------------------------------------------- the run
 
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
-    """Build the three steps, warm them up, time them alternately, and return the result.
+    """Build the three measurements, warm them up, time them alternately, return the result.
 
     Returns:
         a JSON-ready dict: ``images_per_s`` (ours), ``baseline_images_per_s``,
@@ -363,47 +254,55 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     precision = args.precision or auto_precision(device)  # the learner's "auto"
     baseline_precision = args.baseline_precision or ("fp16" if device.type == "cuda" else "fp32")
     channels_last = auto_channels_last(device, precision) if args.channels_last is None else args.channels_last
-    for name, value in (("--precision", precision), ("--baseline-precision", baseline_precision)):
-        if value == "fp16" and device.type != "cuda":
-            raise ValueError(f"{name} fp16 needs a CUDA device (got {device}); use bf16 or fp32")
-    compile_mode = args.compile_mode if args.compile else None
+    if baseline_precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"--baseline-precision fp16 is the official code's CUDA path (got {device}); use bf16 or fp32")
     torch.manual_seed(args.seed)
 
-    model = StudentTeacher(arch=args.arch, n_prototypes=args.prototypes, block_size=args.block_size,
-                           global_crops=args.global_crops, hidden_dim=args.hidden_dim, embed_dim=args.embed_dim,
-                           seed=args.seed)
-    baseline_model = copy.deepcopy(model).to(device).train()  # same weights, same partition sequence
-    model = model.to(device).train()
-    ours = OurStep(model, precision, channels_last, compile_mode)
-    steps = {"ours": ours, "baseline": BaselineStep(baseline_model, baseline_precision), "ceiling": CeilingStep(ours)}
+    config = CARPConfig(
+        arch=args.arch, n_prototypes=args.prototypes, block_size=args.block_size, global_crops=args.global_crops,
+        hidden_dim=args.hidden_dim, embed_dim=args.embed_dim, batch_size=args.batch_size, global_batch=args.batch_size,
+        precision=precision, channels_last=channels_last, seed=args.seed, log_every=args.log_every, sync_bn=False,
+    )
     crops = synthetic_crops(args.batch_size, args.global_crops, args.global_size, args.local_crops,
                             args.local_size, device, seed=args.seed)
+    learn, ours = learner_step(config, crops, args.steps, args.warmup)
+    initial = copy.deepcopy(learn.model).cpu()  # the learner's initial weights for the other two
+    baseline = PaperStep(copy.deepcopy(initial).to(device).train(), baseline_precision)
+    ceiling = CeilingStep(copy.deepcopy(initial).to(device).train(), precision, channels_last)
+    steps = {
+        "ours": ours,
+        "baseline": lambda: time_steps(baseline, crops, args.steps, device),
+        "ceiling": lambda: time_steps(ceiling, crops, args.steps, device),
+    }
 
     log(f"bench-train: {args.arch}, {args.global_crops}x{args.global_size} + {args.local_crops}x{args.local_size} "
         f"crops, K={args.prototypes}, B={args.block_size}, batch {args.batch_size}, ours {precision}"
-        f"{' channels_last' if channels_last else ''}{f' compile={compile_mode}' if compile_mode else ''}, "
-        f"baseline {baseline_precision}, on {_device_name(device)}")
+        f"{' channels_last' if channels_last else ''}, baseline {baseline_precision}, on {_device_name(device)}")
     warmup_s = {}
-    for name, step in steps.items():
+    for name, step in (("baseline", baseline), ("ceiling", ceiling)):
         start = time.perf_counter()
         for _ in range(args.warmup):
             step(crops)
         _synchronize(device)
         warmup_s[name] = round(time.perf_counter() - start, 2)
-    log(f"warm-up seconds (compile included): {warmup_s}")
+    start = time.perf_counter()
+    ours()  # a first fit: the Learner's own set-up, then `warmup` untimed batches in every fit
+    warmup_s["ours"] = round(time.perf_counter() - start, 2)
+    log(f"warm-up seconds: {warmup_s}")
 
     host_syncs = None
     if device.type == "cuda" and args.sync_debug:
-        # Every synchronizing CUDA call inside one of our steps becomes a warning; count them.
+        # Every synchronizing CUDA call inside one fit of ours becomes a warning; count them per step.
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                ours(crops)
+                ours()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        host_syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
-        log(f"host syncs in one of our steps: {len(host_syncs)}" + "".join(f"\n  {m}" for m in host_syncs))
+        messages = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+        host_syncs = len(messages) / (args.warmup + args.steps)
+        log(f"host syncs per step of ours: {host_syncs:.2f}" + "".join(f"\n  {m}" for m in messages[:20]))
 
     seconds = {name: [] for name in steps}
     peak = {name: 0.0 for name in steps}
@@ -411,12 +310,12 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         for name in rotated(list(steps), r):  # alternate the order so drift hits all three
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds[name].append(time_steps(steps[name], crops, args.steps, device))
+            seconds[name].append(steps[name]())
             if device.type == "cuda":
                 peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device) / 2**20)
         log(f"repeat {r + 1}/{args.repeats}: " + ", ".join(
             f"{n} {args.batch_size / s[-1]:.2f} img/s" for n, s in seconds.items()))
-    last_loss = ours(crops)  # after the clock: is our step still computing a finite loss?
+    last_loss = learn.carp_stats.history[-1]["loss"]  # is ours still computing a finite loss?
 
     ips = {name: args.batch_size / statistics.median(s) for name, s in seconds.items()}
     result = {
@@ -432,14 +331,14 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         "step_ms": {name: round(statistics.median(s) * 1000, 2) for name, s in seconds.items()},
         "images_per_s_repeats": {name: [round(args.batch_size / t, 3) for t in s] for name, s in seconds.items()},
         "warmup_s": warmup_s,
-        "host_syncs_per_step": None if host_syncs is None else len(host_syncs),
-        "loss_finite": bool(torch.isfinite(last_loss).item()),
+        "host_syncs_per_step": host_syncs,
+        "loss_finite": bool(torch.isfinite(torch.tensor(last_loss)).item()),
     }
     if device.type == "cuda":
         result |= {"peak_memory_mib": round(peak["ours"], 1), "baseline_peak_memory_mib": round(peak["baseline"], 1),
                    "ceiling_peak_memory_mib": round(peak["ceiling"], 1),
                    "peak_memory_kind": "cuda max_memory_allocated per measurement (includes the other "
-                                       "measurement's resident weights and optimizer state)"}
+                                       "measurements' resident weights and optimizer state)"}
     else:
         result |= {"peak_memory_mib": round(_peak_rss_mib(), 1),
                    "peak_memory_kind": "cpu peak RSS of the whole process (all three measurements)"}
@@ -451,7 +350,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         "arch": args.arch, "batch_size": args.batch_size, "global_crops": args.global_crops,
         "global_size": args.global_size, "local_crops": args.local_crops, "local_size": args.local_size,
         "prototypes": args.prototypes, "block_size": args.block_size, "precision": precision,
-        "baseline_precision": baseline_precision, "channels_last": channels_last, "compile": compile_mode,
+        "baseline_precision": baseline_precision, "channels_last": channels_last, "log_every": args.log_every,
         "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "device": _device_name(device),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
     }
@@ -465,7 +364,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="carp-fast bench-train", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="benchmarks/bench_train.py", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--arch", default="resnet50", choices=ARCHITECTURES)
     p.add_argument("--global-crops", type=int, default=2)
@@ -484,11 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default fp16 + grad scaler on CUDA (the official code), fp32 on CPU")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="ours' memory format; default: on with CUDA or bf16, as the learner")
-    p.add_argument("--compile", action="store_true", help="torch.compile ours' backbones, heads and loss")
-    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
-                   help="reduce-overhead records CUDA graphs (GPU only)")
+    p.add_argument("--log-every", type=int, default=50, help="ours: batches between the statistics' host syncs (CARPConfig.log_every)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement and repeat")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per measurement first (compile happens here)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per measurement first (in every fit of ours)")
     p.add_argument("--repeats", type=int, default=3, help="alternations of the three measurements; the median is reported")
     p.add_argument("--logit-bench", action="store_true",
                    help="also time the prototype-logit + loss path alone: block logits vs [N, K] gather")
@@ -496,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N per view for --logit-bench (default --batch-size): the path alone is cheap on a CPU "
                         "even at a GPU's per-device batch")
     p.add_argument("--sync-debug", action="store_true",
-                   help="CUDA: count the host syncs in one of our steps (torch.cuda.set_sync_debug_mode('warn'))")
+                   help="CUDA: count the host syncs per step of ours (torch.cuda.set_sync_debug_mode('warn'))")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU: torch intra-op threads (default torch's); fewer than cores is steadier on a shared machine")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")

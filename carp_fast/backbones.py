@@ -1,8 +1,9 @@
 """Backbones: torchvision ResNets with the classifier removed.
 
-Two architectures (DESIGN.md section 1, issue 2):
+Four architectures (DESIGN.md section 1, issue 2):
 
 - ``"resnet50"``: torchvision ResNet-50, ``zero_init_residual=True``, 2048-d features.
+- ``"resnet18"``: torchvision ResNet-18 as it is (ImageNet stem), 512-d features.
 - ``"resnet18_small"``: torchvision ResNet-18 with a 3x3 stride-1 stem and no max-pool
   (the usual CIFAR-style variant), 512-d features, for 28-64 px images.
 - ``"resnet10_tiny"``: the same small-image stem, one BasicBlock per stage and half the

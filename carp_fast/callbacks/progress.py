@@ -11,8 +11,9 @@ from fastai.callback.core import Callback
 class RichProgress(Callback):
     """Epoch, step, images/s, ETA and the latest logged loss, entropy and momentum.
 
-    Shows a rich progress bar on a terminal; elsewhere (CI logs, files) prints one concise
-    line per epoch. Numbers come from ``learn.carp_log`` (written by
+    Shows a rich progress bar on a terminal; elsewhere (a cluster job's redirected stdout,
+    CI logs) prints a concise line every ``print_every_s`` seconds within an epoch (an
+    ImageNet epoch is tens of minutes) and one at the end of each epoch. Numbers come from ``learn.carp_log`` (written by
     :class:`~carp_fast.callbacks.carp_stats.CARPStats` once per logging interval), so the
     display adds no host synchronisation. Only the main process displays anything.
 
@@ -20,12 +21,13 @@ class RichProgress(Callback):
         images_per_batch: images of one training batch over all processes (for images/s).
         live: force the bar on (True) or off (False); default: on when stdout is a terminal.
         show: False prints nothing (``learn.images_per_s`` is still measured).
+        print_every_s: without a bar, seconds between progress lines within an epoch.
     """
 
     order, run_valid = 65, False
 
-    def __init__(self, images_per_batch: int, live: bool | None = None, show: bool = True):
-        self.images_per_batch, self.live, self.show = images_per_batch, live, show
+    def __init__(self, images_per_batch: int, live: bool | None = None, show: bool = True, print_every_s: float = 120.0):
+        self.images_per_batch, self.live, self.show, self.print_every_s = images_per_batch, live, show, print_every_s
 
     def before_fit(self):
         "Start the bar (main process only)."
@@ -49,13 +51,22 @@ class RichProgress(Callback):
     def before_train(self):
         "Time the epoch."
         self._epoch_start, self._epoch_step0 = time.perf_counter(), self.learn.train_iter
+        self._last_line = self._epoch_start
 
     def after_batch(self):
-        "Advance the bar."
-        if self._progress is None:
+        "Advance the bar, or print a line when ``print_every_s`` has passed without one."
+        if not self.enabled:
             return
+        now = time.perf_counter()
         steps = self.learn.train_iter - self._epoch_step0
-        speed = steps * self.images_per_batch / max(time.perf_counter() - self._epoch_start, 1e-9)
+        speed = steps * self.images_per_batch / max(now - self._epoch_start, 1e-9)
+        if self._progress is None:
+            if now - self._last_line >= self.print_every_s and self.iter + 1 < self.n_iter:
+                left = (self.n_iter - self.iter - 1) * (now - self._epoch_start) / max(steps, 1)
+                print(f"epoch {self.learn.epoch + 1}/{self.learn.n_epoch}  batch {self.iter + 1}/{self.n_iter}  "
+                      f"{speed:,.0f} img/s  epoch ends in {left / 60:.1f} min  {self._stats()}", flush=True)
+                self._last_line = now
+            return
         self._progress.update(self._task, completed=self.learn.train_iter, epoch=self.learn.epoch, speed=f"{speed:,.0f} img/s", stats=self._stats())
 
     def after_train(self):

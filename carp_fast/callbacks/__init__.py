@@ -2,9 +2,10 @@
 
 from .accumulation import GradientAccumulation
 from .epoch_sync import EpochSync
+from .data_wait import DataWait
 from .carp_stats import CARPStats, CollapseWarning, NonFiniteLossError, assignment_stats
 from .knn_monitor import KNNMonitor
-from .precision import Autocast, precision_callbacks
+from .precision import Autocast, FP16MixedPrecision, precision_callbacks
 from .progress import RichProgress
 from .recorder import DeviceRecorder
 from .metrics_logger import MetricsLogger
@@ -13,6 +14,6 @@ from .time_budget import TimeBudget
 from .teacher_ema import TeacherEMA, ema_update, teacher_momentum
 
 __all__ = [
-    "Autocast", "CARPStats", "Checkpointer", "MetricsLogger", "TimeBudget", "CollapseWarning", "DeviceRecorder", "EpochSync", "GradientAccumulation", "KNNMonitor", "NonFiniteLossError",
+    "Autocast", "CARPStats", "Checkpointer", "FP16MixedPrecision", "MetricsLogger", "TimeBudget", "CollapseWarning", "DataWait", "DeviceRecorder", "EpochSync", "GradientAccumulation", "KNNMonitor", "NonFiniteLossError",
     "RichProgress", "TeacherEMA", "assignment_stats", "ema_update", "precision_callbacks", "teacher_momentum",
 ]

@@ -13,7 +13,8 @@ class MetricsLogger(Callback):
     """Writes one line per epoch to ``out/metrics.jsonl`` and curves to TensorBoard.
 
     Each line holds epoch, step, loss, consistency, entropy, agreement, lr, momentum,
-    prototypes_hit, perplexity, images_per_s, seconds, ``lr_first_step`` and
+    prototypes_hit, perplexity, images_per_s, data_wait (the share of the epoch spent waiting
+    for batches, from :class:`~carp_fast.callbacks.DataWait`), seconds, ``lr_first_step`` and
     ``lr_last_step`` (the learning rate of the epoch's first and last optimizer step: the
     first line shows where the schedule starts, the last line where it ends), and
     knn_top1/knn_top5 in epochs where :class:`~carp_fast.callbacks.KNNMonitor` ran. TensorBoard (``out/tensorboard``)
@@ -66,6 +67,7 @@ class MetricsLogger(Callback):
             return
         record = {"epoch": self.learn.epoch, **getattr(self.learn, "carp_epoch", {})}
         record["images_per_s"] = getattr(self.learn, "images_per_s", None)
+        record["data_wait"] = getattr(self.learn, "data_wait", None)  # share of the epoch spent waiting for batches
         record["seconds"] = time.perf_counter() - self._start
         if self._lrs:
             record.update(lr_first_step=self._lrs[0], lr_last_step=self._lrs[-1])

@@ -64,10 +64,10 @@ class RichProgress(Callback):
             if now - self._last_line >= self.print_every_s and self.iter + 1 < self.n_iter:
                 left = (self.n_iter - self.iter - 1) * (now - self._epoch_start) / max(steps, 1)
                 print(f"epoch {self.learn.epoch + 1}/{self.learn.n_epoch}  batch {self.iter + 1}/{self.n_iter}  "
-                      f"{speed:,.0f} img/s  epoch ends in {left / 60:.1f} min  {self._stats()}", flush=True)
+                      f"{speed:,.0f} img/s  {self._data_wait('data_wait_now')}epoch ends in {left / 60:.1f} min  {self._stats()}", flush=True)
                 self._last_line = now
             return
-        self._progress.update(self._task, completed=self.learn.train_iter, epoch=self.learn.epoch, speed=f"{speed:,.0f} img/s", stats=self._stats())
+        self._progress.update(self._task, completed=self.learn.train_iter, epoch=self.learn.epoch, speed=f"{speed:,.0f} img/s", stats=self._data_wait("data_wait_now") + self._stats())
 
     def after_train(self):
         "Keep the epoch's speed; print a line when no bar is shown."
@@ -76,12 +76,17 @@ class RichProgress(Callback):
         self.learn.images_per_s = steps * self.images_per_batch / max(seconds, 1e-9)
         if self.enabled and self._progress is None:
             print(f"epoch {self.learn.epoch + 1}/{self.learn.n_epoch}  step {self.learn.train_iter}  "
-                  f"{self.learn.images_per_s:,.0f} img/s  {seconds:.0f}s  {self._stats()}", flush=True)
+                  f"{self.learn.images_per_s:,.0f} img/s  {self._data_wait('data_wait')}{seconds:.0f}s  {self._stats()}", flush=True)
 
     def after_fit(self):
         "Close the bar."
         if self._progress is not None:
             self._progress.stop()
+
+    def _data_wait(self, attr: str) -> str:
+        "The share of time spent waiting for batches (:class:`DataWait`), if measured."
+        share = getattr(self.learn, attr, None)
+        return "" if share is None else f"data wait {100 * share:.0f}%  "
 
     def _stats(self) -> str:
         log = getattr(self.learn, "carp_log", None)

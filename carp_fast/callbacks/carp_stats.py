@@ -8,6 +8,7 @@ import warnings
 import torch
 from fastai.callback.core import Callback
 
+from ..distributed import any_process
 from .teacher_ema import TeacherEMA
 
 
@@ -60,7 +61,8 @@ class CARPStats(Callback):
     :class:`carp_fast.loss.CARPLoss` and ``learn.pred`` a :class:`carp_fast.networks.CARPOutput`.
 
     A NaN or infinite loss raises :class:`NonFiniteLossError` naming the first bad step
-    (before any checkpoint of that epoch is written). A :class:`CollapseWarning` is raised (and printed in red) when the perplexity of the
+    (before any checkpoint of that epoch is written), on every process at the same logging
+    step (one flag is all-reduced per interval). A :class:`CollapseWarning` is raised (and printed in red) when the perplexity of the
     teacher's assignments falls below ``collapse_fraction * min(K, assignments)`` (at least
     2): every view then lands on a handful of prototypes.
     """
@@ -108,6 +110,12 @@ class CARPStats(Callback):
         totals, first_step = values[6:], self.learn.train_iter - len(self._terms) + 1
         self._terms = []
         bad = [i for i, v in enumerate(totals) if not math.isfinite(v)]
+        # Every rank stops together, at the same logging step, when any rank's loss is bad.
+        if any_process(bool(bad)) and not bad:
+            raise NonFiniteLossError(
+                f"the CARP loss became non-finite on another process by step {self.learn.train_iter} "
+                f"(epoch {self.learn.epoch}); training stopped on every process"
+            )
         if bad:
             raise NonFiniteLossError(
                 f"the CARP loss is {totals[bad[0]]} at step {first_step + bad[0]} (epoch {self.learn.epoch}); "

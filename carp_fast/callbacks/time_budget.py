@@ -6,15 +6,19 @@ import time
 
 from fastai.callback.core import Callback, CancelFitException
 
+from ..distributed import main_process_decides
 from .checkpointer import Checkpointer
 
 
 class TimeBudget(Callback):
     """Ends the fit after an epoch when the next one would not finish within ``minutes``.
 
-    The decision uses the longest epoch so far. The learning-rate and momentum schedules
-    still assume the full number of epochs, so a run cut short ends before their ends;
-    ``learn.stopped_early`` records that it happened.
+    The decision uses the longest epoch so far, as the main process measured it (its epochs
+    include the k-NN monitor and the checkpoint), and every process follows it: ranks that
+    decided alone could part ways, one stopping while another waits in the next epoch's
+    collectives. The learning-rate and momentum schedules still assume the full number of
+    epochs, so a run cut short ends before their ends; ``learn.stopped_early`` records that
+    it happened.
     """
 
     order, run_valid = Checkpointer.order + 1, False
@@ -35,6 +39,7 @@ class TimeBudget(Callback):
         "Stop if another epoch would overrun."
         now = time.perf_counter()
         self.longest = max(self.longest, now - self.epoch_start)
-        if self.learn.epoch < self.learn.n_epoch - 1 and now - self.start + self.longest > self.seconds:
+        overrun = self.learn.epoch < self.learn.n_epoch - 1 and now - self.start + self.longest > self.seconds
+        if main_process_decides(overrun):
             self.learn.stopped_early = True
             raise CancelFitException()

@@ -1,0 +1,39 @@
+"""Decisions every process must share, taken once and sent to all.
+
+A decision one rank takes alone (stop on a clock, stop on a NaN) leaves the other ranks
+waiting in the next collective until the job's timeout kills it. Each helper here is one
+tiny collective, and a no-op in a single process.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _flag_tensor(flag: bool) -> torch.Tensor:
+    # NCCL moves only CUDA tensors; gloo (CPU processes) only CPU ones.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return torch.tensor([int(flag)], device=device)
+
+
+def main_process_decides(flag: bool) -> bool:
+    """The main process's ``flag`` on every rank (a broadcast from rank 0)."""
+    if _world_size() == 1:
+        return flag
+    tensor = _flag_tensor(flag)
+    dist.broadcast(tensor, src=0)
+    return bool(tensor.item())
+
+
+def any_process(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on at least one (an all-reduce of the maximum)."""
+    if _world_size() == 1:
+        return flag
+    tensor = _flag_tensor(flag)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())

@@ -139,3 +139,73 @@ def test_arbitrary_pickles_are_refused(tmp_path, model):
         load_backbone(tmp_path / "odd.pth", "resnet18_small")
     backbone = load_backbone(tmp_path / "odd.pth", "resnet18_small", weights_only=False)
     _assert_same(backbone, model.teacher.backbone)
+
+
+def _official_checkpoint(teacher: nn.Module, student: nn.Module) -> dict:
+    """The released layout: DDP-wrapped state dicts, a weight-normalised last layer, the
+    run's argparse.Namespace, optimizer and fp16 scaler states."""
+    import argparse
+
+    def wrapped(backbone):
+        sd = {f"module.backbone.{k}": v for k, v in backbone.state_dict().items()}
+        sd["module.head.mlp.0.weight"] = torch.randn(64, 2048)
+        sd["module.head.mlp.0.bias"] = torch.zeros(64)
+        sd["module.head.last_layer.weight_g"] = torch.ones(32, 1)
+        sd["module.head.last_layer.weight_v"] = torch.randn(32, 64)
+        return sd
+
+    args = argparse.Namespace(arch="resnet50", lr=0.6, min_lr=0.006, batch_size_per_gpu=256, use_fp16=True)
+    return {"student": wrapped(student), "teacher": wrapped(teacher), "optimizer": {"state": {}, "param_groups": []},
+            "epoch": 400, "args": args, "fp16_scaler": {"scale": 65536.0, "growth_tracker": 0}}  # fmt: skip
+
+
+def test_released_checkpoint_loads_safely_and_matches_torchvision(tmp_path):
+    torch.manual_seed(0)
+    teacher, student = torchvision.models.resnet50(), torchvision.models.resnet50()
+    for net in (teacher, student):
+        net.fc = nn.Identity()
+    with torch.no_grad():  # non-trivial BN statistics, so eval-mode features depend on them
+        for module in teacher.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "checkpoint0399.pth"
+    torch.save(_official_checkpoint(teacher, student), path)
+
+    backbone = load_backbone(path)  # safe loader, arch defaults to resnet50, teacher
+    reference = torchvision.models.resnet50()
+    reference.fc = nn.Identity()
+    state = {k[len("module.backbone."):]: v for k, v in torch.load(path, weights_only=False)["teacher"].items()
+             if k.startswith("module.backbone.")}  # fmt: skip
+    reference.load_state_dict(state)
+    images = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(images), reference.eval()(images))
+        assert not torch.allclose(backbone(images), student.eval()(images))
+
+
+class _RunConfig:  # any class other than argparse.Namespace
+    def __init__(self):
+        self.lr = 0.6
+
+
+def test_safe_loader_still_refuses_other_objects(tmp_path):
+    torch.save({"teacher": {}, "args": _RunConfig()}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="pickles objects other than tensors"):
+        load_backbone(tmp_path / "other.pth")
+
+
+@pytest.mark.parametrize("content", [b"hello, my notes\n", b""])
+def test_not_a_checkpoint_names_the_file(tmp_path, content):
+    (tmp_path / "notes.txt").write_bytes(content)
+    with pytest.raises(ValueError, match="notes.txt' is not a readable torch checkpoint"):
+        load_backbone(tmp_path / "notes.txt")
+
+
+def test_legacy_format_checkpoint_reads_arch_without_mmap(tmp_path, model):
+    from carp_fast.eval.cli import _checkpoint_arch
+
+    path = tmp_path / "legacy.pth"
+    torch.save({"model": model.state_dict(), "config": {"arch": "resnet18_small"}}, path,
+               _use_new_zipfile_serialization=False)  # fmt: skip
+    assert _checkpoint_arch(str(path), trust=False) == "resnet18_small"

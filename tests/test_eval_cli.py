@@ -111,17 +111,39 @@ def test_kmeans_end_to_end_student(tmp_path, checkpoint, image_folder):
     assert record["settings"]["which"] == "student" and record["settings"]["nredo"] == 2
 
 
+def test_k_larger_than_the_bank_is_skipped_with_a_note(tmp_path, checkpoint, image_folder, capsys):
+    out = tmp_path / "knn.json"
+    rc = _run(tmp_path, "knn", "--checkpoint", str(checkpoint), "--data", str(image_folder),
+              "--size", "16", "--k", "5", "100", "--out", str(out))  # fmt: skip
+    assert rc == 0
+    assert "skipping k = [100], larger than the bank of n_train = 24" in capsys.readouterr().err
+    record = json.loads(out.read_text())
+    assert [r["k"] for r in record["results"]] == [5] and record["settings"]["k_skipped"] == [100]
+
+
 def test_bad_input_exits_with_a_message(tmp_path, checkpoint, image_folder, capsys):
     rc = _run(tmp_path, "knn", "--checkpoint", str(checkpoint), "--data", str(image_folder),
               "--size", "16", "--k", "100")  # fmt: skip
     assert rc == 2
-    assert "k must be between 1 and the bank size n_train = 24" in capsys.readouterr().err
+    assert "every k in [100] is outside 1..n_train = 24" in capsys.readouterr().err
     assert _run(tmp_path, "knn", "--checkpoint", str(tmp_path / "missing.pth")) == 2
     assert _run(tmp_path, "knn", "--checkpoint", str(checkpoint), "--arch", "resnet50",
                 "--data", str(image_folder)) == 2  # fmt: skip
     assert "trained with arch='resnet18_small'" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse rejects an unknown --which
         main(["knn", "--checkpoint", str(checkpoint), "--which", "ema"])
+
+
+def test_a_file_that_is_not_a_checkpoint_gets_one_line(tmp_path, checkpoint, image_folder, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello, these are my notes\n")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(checkpoint.read_bytes()[:5000])
+    for path in (notes, truncated):
+        capsys.readouterr()
+        assert _run(tmp_path, "knn", "--checkpoint", str(path), "--data", str(image_folder), "--size", "16") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{str(path)!r} is not a readable torch checkpoint" in err[0]
 
 
 def test_retrieval_and_copy_detection(tmp_path, checkpoint, image_folder):
@@ -139,10 +161,12 @@ def test_retrieval_and_copy_detection(tmp_path, checkpoint, image_folder):
         spec = {"queries": [str(p.relative_to(image_folder)) for p in val], "database": database, "gnd": gnd}
         (image_folder / f"{name}.json").write_text(json.dumps(spec))
         out = tmp_path / f"{name}.json"
-        rc = _run(tmp_path, name, "--checkpoint", str(checkpoint), "--size", "16",
+        rc = _run(tmp_path, name, "--checkpoint", str(checkpoint), "--imsize", "16",
                   "--ground-truth", str(image_folder / f"{name}.json"), "--out", str(out))  # fmt: skip
         assert rc == 0
-        (result,) = json.loads(out.read_text())["results"]
+        record = json.loads(out.read_text())
+        assert record["settings"]["variant"] == "paper" and record["settings"]["imsize"] == 16
+        (result,) = record["results"]
         key = "mAP" if name == "copydetection" else "mAP_medium"
         # Same-colour positives are each query's nearest images, unless the features were
         # paired with the wrong database positions (then about 33 %).
@@ -171,8 +195,10 @@ def test_python_dash_m(checkpoint):
 @pytest.mark.parametrize(
     "protocol, extra, key",
     [
-        ("linear", ["--epochs", "5"], "top1"),
+        ("linear", ["--protocol", "fast", "--epochs", "5"], "top1"),
+        ("linear", ["--epochs", "2", "--lrs", "0.1", "1.0", "--probe-batch-size", "8"], "top1"),
         ("fewshot", ["--shots", "1", "2", "--seeds", "2", "--epochs", "5"], "top1_mean"),
+        ("fewshot", ["--protocol", "fast", "--shots", "1", "--seeds", "2", "--epochs", "5"], "top1_mean"),
     ],
 )
 def test_probes_on_freshly_extracted_features(tmp_path, checkpoint, image_folder, protocol, extra, key):
@@ -181,6 +207,34 @@ def test_probes_on_freshly_extracted_features(tmp_path, checkpoint, image_folder
     rc = _run(tmp_path, protocol, "--checkpoint", str(checkpoint), "--data", str(image_folder),
               "--size", "16", "--resize", "16", "--no-cache", "--out", str(out), *extra)  # fmt: skip
     assert rc == 0
-    results = json.loads(out.read_text())["results"]
-    assert all(0.0 <= r[key] <= 100.0 for r in results)
+    record = json.loads(out.read_text())
+    assert all(0.0 <= r[key] <= 100.0 for r in record["results"])
+    variant = "fast" if "fast" in extra else "paper"
+    assert record["protocol"] == protocol and record["settings"]["variant"] == variant
+    if protocol == "linear" and variant == "paper":  # 2 lrs x 2 weight decays x 2 optimisers
+        assert record["settings"]["n_heads"] == 8 and len(record["settings"]["grid"]) == 8
     assert not (tmp_path / "cache").exists()
+
+
+def test_kmeans_subset_file_fits_on_the_listed_images(tmp_path, checkpoint):
+    # ImageNet naming: train/<wnid>/<wnid>_<n>.JPEG; the list names files, one per line.
+    rng = np.random.default_rng(1)
+    for split, count in (("train", 6), ("val", 3)):
+        for wnid, colour in zip(("n01440764", "n01443537"), ((200, 30, 30), (30, 30, 200))):
+            (tmp_path / "imagenet" / split / wnid).mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 20, (20, 20, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "imagenet" / split / wnid / f"{wnid}_{i}.JPEG", format="JPEG")
+    subset = tmp_path / "10percent.txt"
+    subset.write_text("n01440764_0.JPEG\nn01440764_3.JPEG\nn01443537_1.JPEG\nn01443537_5.JPEG\n")
+    out = tmp_path / "km.json"
+    rc = _run(tmp_path, "kmeans", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "imagenet"),
+              "--size", "16", "--resize", "16", "--nredo", "2", "--subset-file", str(subset), "--out", str(out))  # fmt: skip
+    assert rc == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["n"] == [4, 6] and settings["preprocess"] == "standardize"
+    assert settings["variant"] == "custom"  # nredo 2: not the paper's settings
+    assert settings["subset_file"] == str(subset.resolve())
+    subset.write_text("n09999999_0.JPEG\n")
+    assert _run(tmp_path, "kmeans", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "imagenet"),
+                "--size", "16", "--subset-file", str(subset)) == 2  # fmt: skip

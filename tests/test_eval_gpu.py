@@ -39,3 +39,28 @@ def test_bf16_extraction_close_to_fp32():
     bf16 = extract_features(model, loader, device="cuda", amp=True, progress=False)
     cosine = torch.nn.functional.cosine_similarity(fp32.features, bf16.features, dim=1)
     assert fp32.features.device.type == "cpu" and cosine.min() > 0.99
+
+
+def test_linear_grid_on_cuda_matches_cpu():
+    from carp_fast.eval.linear_grid import Setting, linear_grid
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 16, generator=g), torch.randint(0, 4, (64,), generator=g)
+    batches = lambda epoch: [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]  # noqa: E731
+    grid = [Setting(lr, 1e-6, opt) for lr in (0.01, 0.1) for opt in ("sgd", "lars")]
+    cpu = linear_grid(batches, x, y, num_classes=4, grid=grid, epochs=3, device="cpu")
+    cuda = linear_grid(batches, x, y, num_classes=4, grid=grid, epochs=3, device="cuda")
+    torch.testing.assert_close(cuda.weight, cpu.weight, rtol=1e-3, atol=1e-5)
+
+
+def test_multiscale_on_cuda_matches_cpu():
+    from carp_fast.eval.retrieval import MultiScale
+
+    torch.manual_seed(0)
+    model = MultiScale(build_backbone("resnet18_small").eval())
+    images = torch.randn(1, 3, 48, 80)
+    with torch.no_grad():
+        cpu = model(images)
+        cuda = model.cuda()(images.cuda()).cpu()
+    # cuDNN may convolve in TF32: compare directions, not digits
+    assert torch.nn.functional.cosine_similarity(cuda, cpu).min() > 0.999

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,3 +50,46 @@ def test_errors():
         kmeans_evaluate(features, torch.arange(20) % 2, num_clusters=21)
     with pytest.raises(ValueError, match="preprocess must be"):
         kmeans_evaluate(features, torch.arange(20) % 2, preprocess="pca")
+
+
+def _reference_scores(train, labels, test, test_labels, k, nredo, seed):
+    """Standardise with the training split's mean / population std (numpy), then faiss
+    spherical k-means, assignment by inner product, sklearn scores: the official recipe."""
+    import faiss
+    from sklearn import metrics
+
+    x, t = train.double().numpy(), test.double().numpy()
+    mean, std = x.mean(0), x.std(0)
+    std[std == 0] = 1.0
+    x, t = ((x - mean) / std).astype(np.float32), ((t - mean) / std).astype(np.float32)
+    km = faiss.Kmeans(x.shape[1], k, niter=100, nredo=nredo, spherical=True, seed=seed, verbose=False)
+    km.train(x)
+    assignment = (t @ km.centroids.T).argmax(1)
+    truth = test_labels.numpy()
+    return (metrics.normalized_mutual_info_score(truth, assignment),
+            metrics.adjusted_mutual_info_score(truth, assignment),
+            metrics.adjusted_rand_score(truth, assignment))  # fmt: skip
+
+
+@pytest.mark.parametrize("nredo", [1, 3])
+def test_paper_default_matches_standardise_then_cluster(nredo):
+    # Dimensions on very different scales with an offset: standardising changes the
+    # clustering, so a missing (or test-fitted) standardisation changes the scores.
+    g = torch.Generator().manual_seed(5)
+    train, labels = _blobs(40, 4, 6, spread=4.0, seed=6)
+    scale = torch.tensor([100.0, 0.01, 1.0, 10.0, 0.1, 3.0])
+    train = train * scale + 50.0
+    test_labels = torch.arange(4).repeat_interleave(15)
+    test = _blobs(15, 4, 6, spread=4.0, seed=6)[0] * scale + 50.0 + torch.randn(60, 6, generator=g)
+    got = kmeans_evaluate(train, labels, test, test_labels, nredo=nredo)
+    want = _reference_scores(train, labels, test, test_labels, 4, nredo, seed=1234)
+    assert got == pytest.approx(want, abs=1e-6)
+    # L2 normalisation instead of standardisation is a different measurement here.
+    assert kmeans_evaluate(train, labels, test, test_labels, nredo=nredo, preprocess="l2") != got
+
+
+def test_constant_dimension_is_left_unscaled():
+    train, labels = _blobs(30, 3, 4, spread=0.5, seed=8)
+    train[:, 2] = 7.0  # StandardScaler leaves a zero-variance dimension at scale 1
+    result = kmeans_evaluate(train, labels, nredo=3)
+    assert result.nmi > 0.95

@@ -1,9 +1,12 @@
 """Evaluation protocols on frozen features (CARP paper section 5, appendix D).
 
-One protocol per module: :mod:`.knn` (weighted k-NN), :mod:`.kmeans`, :mod:`.linear`
-(linear probe), :mod:`.fewshot`, :mod:`.retrieval` (revisited Oxford/Paris mAP and copy
-detection), :mod:`.features` (extraction and cache), :mod:`.checkpoints` (loading
-backbones), :mod:`.cli` (``carp-fast eval ...``).
+One protocol per module, the paper's settings by default: :mod:`.knn` (weighted k-NN),
+:mod:`.kmeans`, :mod:`.linear_grid` (the paper's linear evaluation: a grid of heads on
+augmented crops), :mod:`.linear` (the cached "fast" probe, not the paper's),
+:mod:`.fewshot` (iNat2018-style few-shot), :mod:`.voc` (few-shot VOC07 with SVMs),
+:mod:`.retrieval` (revisited Oxford/Paris mAP), :mod:`.copydetection` (Copydays);
+:mod:`.data` (the views each protocol feeds), :mod:`.features` (extraction and cache),
+:mod:`.checkpoints` (loading backbones), :mod:`.cli` (``carp-fast eval ...``).
 
 Importing this package is cheap: only the k-NN module (torch) is imported eagerly;
 the other names load on first access, so faiss, scikit-learn and rich are imported only
@@ -18,6 +21,7 @@ from .knn import KNNResult, knn_accuracies, knn_accuracy, knn_classify
 
 # name -> submodule that defines it; imported on first attribute access (PEP 562).
 _LAZY = {
+    "raw_pixel_knn": "pixels",
     "load_backbone": "checkpoints",
     "backbone_state_dict": "checkpoints",
     "extract_features": "features",
@@ -34,8 +38,16 @@ _LAZY = {
     "compute_ap": "retrieval",
     "compute_map": "retrieval",
     "retrieval_map": "retrieval",
-    "copy_detection_map": "retrieval",
     "load_ground_truth": "retrieval",
+    "load_revisitop": "retrieval",
+    "MultiScale": "retrieval",
+    "copy_detection_map": "copydetection",
+    "load_copydays": "copydetection",
+    "linear_grid": "linear_grid",
+    "LinearGridResult": "linear_grid",
+    "voc_few_shot": "voc",
+    "read_voc_split": "voc",
+    "voc_ap": "voc",
 }
 
 __all__ = ["KNNResult", "knn_accuracies", "knn_accuracy", "knn_classify", *_LAZY]

@@ -5,9 +5,11 @@ self-supervised weights into torchvision, DESIGN.md section 6):
 
 1. this project's checkpoints: ``{"model": StudentTeacher.state_dict(), "config": {...}}``
    (``learn.save`` adds ``"opt"``), keys ``student.backbone.*`` / ``teacher.backbone.*``;
-2. the paper's official code: ``{"student": sd, "teacher": sd, ...}`` where each state dict
-   comes from a DistributedDataParallel-wrapped network, keys ``module.backbone.*`` and
-   ``module.head.*`` (the head's last layer as ``weight_g`` / ``weight_v``);
+2. the paper's official code (the released checkpoints): ``{"student": sd, "teacher": sd,
+   "optimizer", "epoch", "args", "fp16_scaler"}`` where each state dict comes from a
+   DistributedDataParallel-wrapped network, keys ``module.backbone.*`` and
+   ``module.head.mlp.*`` / ``module.head.last_layer.weight_g`` / ``weight_v``, and
+   ``args`` is the run's ``argparse.Namespace`` (which the safe loader accepts);
 3. a plain torchvision ResNet state dict (an exported backbone), ``fc.*`` ignored.
 
 ``_orig_mod.`` (torch.compile) and leading ``module.`` (DDP) prefixes are removed first.
@@ -16,6 +18,7 @@ The backbone is then loaded strictly: a missing or unexpected backbone key is an
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 from typing import Any, Mapping
@@ -31,32 +34,73 @@ WHICH = ("teacher", "student")
 def read_checkpoint(path: str | os.PathLike, *, weights_only: bool = True, mmap: bool = False) -> Any:
     """``torch.load`` on the CPU, with torch's safe (weights-only) unpickler by default.
 
-    The safe loader is widened by numpy arrays and dtypes only: this project's training
-    checkpoints hold numpy's RNG state beside the weights. A file that pickles anything
-    else is refused with a ValueError; pass ``weights_only=False`` only for a file you
-    trust.
+    The safe loader is widened by exactly two kinds of objects: numpy arrays and dtypes
+    (this project's training checkpoints hold numpy's RNG state) and ``argparse.Namespace``
+    (the run's arguments that the official CARP checkpoints pickle as ``"args"``; a
+    Namespace only holds attributes, it runs no code when unpickled). A file that pickles
+    anything else is refused with a ValueError; pass ``weights_only=False`` only for a
+    file you trust.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: a file that is not a torch checkpoint (a text file, a truncated
+            download) or one the safe loader refuses; the message names the file.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {os.fspath(path)!r}")
-    if not weights_only:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    import numpy as np
-
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # numpy 2 / 1
-    numpy_globals = [np.ndarray, np.dtype, multiarray._reconstruct]
-    numpy_globals += [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float32, np.float64)]
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {os.fspath(path)!r} is a directory; give the checkpoint file")
     try:
-        with torch.serialization.safe_globals(numpy_globals):
+        return _load(path, weights_only, mmap)
+    except RuntimeError:
+        if not mmap:
+            raise ValueError(_not_a_checkpoint(path)) from None
+    # mmap needs the zip format of torch >= 1.6: retry a legacy file without it.
+    try:
+        return _load(path, weights_only, False)
+    except RuntimeError:
+        raise ValueError(_not_a_checkpoint(path)) from None
+
+
+def _load(path: str | os.PathLike, weights_only: bool, mmap: bool) -> Any:
+    """``torch.load`` with the widened safe loader; RuntimeError for an unreadable file."""
+    try:
+        if not weights_only:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
+        if "GLOBAL" not in str(error):
+            raise RuntimeError(str(error)) from None  # garbage ("Unsupported operand"), not a refused object
         lines = str(error).strip().splitlines()
-        first_line = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[-1])
+        first_line = next((ln for ln in lines if "GLOBAL" in ln), lines[-1])
         first_line = first_line.strip()[:200]
         raise ValueError(
             f"{os.fspath(path)!r} pickles objects other than tensors, so the safe loader "
             f"refuses it ({first_line}); if you trust the file, load it with "
             "weights_only=False (command line: --trust-checkpoint)"
         ) from None
+    except (KeyError, EOFError, OSError, UnicodeDecodeError, IndexError, TypeError, AttributeError) as error:
+        # e.g. a text file read as a legacy pickle ends in `KeyError: 101`.
+        raise RuntimeError(f"{type(error).__name__}: {error}") from None
+
+
+def _safe_globals() -> list:
+    """What the safe loader may unpickle beside tensors: numpy arrays/dtypes, Namespace."""
+    import numpy as np
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # numpy 2 / 1
+    allowed = [np.ndarray, np.dtype, multiarray._reconstruct, argparse.Namespace]
+    allowed += [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float32, np.float64)]
+    return allowed
+
+
+def _not_a_checkpoint(path: str | os.PathLike) -> str:
+    size = os.path.getsize(path)
+    return (
+        f"{os.fspath(path)!r} is not a readable torch checkpoint ({size} bytes): not a file "
+        "written by torch.save, or a truncated download; check the path, or download it again"
+    )
 
 
 def checkpoint_arch(checkpoint: Any) -> str | None:

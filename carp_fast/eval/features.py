@@ -88,7 +88,7 @@ def _extract(
     These are inference tensors; the caller concatenates them outside inference mode.
     """
     features, labels = [], []
-    with _progress(progress, description, _length(batches)) as advance:
+    with progress_bar(progress, f"extracting {description}", _length(batches)) as advance:
         for batch in batches:
             images, targets = batch[0], batch[1]
             images = images.to(device, non_blocking=True)
@@ -222,8 +222,9 @@ def _length(batches: Iterable) -> int | None:
         return None
 
 
-class _progress:
-    """Context manager yielding ``advance()``; a rich bar, or nothing when disabled."""
+class progress_bar:
+    """Context manager yielding ``advance()``; a rich bar over ``total`` steps (None:
+    unknown), or nothing when disabled. Shared by the protocols' long loops."""
 
     def __init__(self, enabled: bool, description: str, total: int | None):
         self.enabled, self.description, self.total = enabled, description, total
@@ -235,7 +236,7 @@ class _progress:
 
         self.bar = Progress(transient=True)
         self.bar.__enter__()
-        task = self.bar.add_task(f"extracting {self.description}", total=self.total)
+        task = self.bar.add_task(self.description, total=self.total)
         return lambda: self.bar.advance(task)
 
     def __exit__(self, *exc: Any) -> None:

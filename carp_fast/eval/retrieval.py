@@ -1,37 +1,31 @@
-"""Image retrieval and copy detection mAP (paper appendix D.5, D.6).
+"""Image retrieval mAP on revisited Oxford / Paris (paper appendix D.5).
 
-Retrieval follows the revisited Oxford / Paris protocol (Radenović et al., 2018) as run
-by DINO's ``eval_image_retrieval.py``: database images are ranked by cosine similarity
-to each query, and :func:`compute_map` (a port of revisitop's ``compute_map``) scores the
-ranking under three protocols built from each query's ``easy``, ``hard`` and ``junk``
-lists:
+The paper runs DINO's ``eval_image_retrieval.py`` with ``--imsize 512 --multiscale 1``:
 
-- Easy:   positives = easy,         ignored (junk) = junk + hard;
-- Medium: positives = easy + hard,  ignored = junk;
-- Hard:   positives = hard,         ignored = junk + easy.
+- every query and database image whole (queries are not cropped to their boxes), aspect
+  ratio kept, shrunk with PIL ``thumbnail`` so its longer side is 512 (Lanczos), one
+  image at a time (:func:`carp_fast.eval.data.thumbnail_batches`);
+- features averaged over the scales 1, 1/sqrt(2), 1/2 — the input tensor resized
+  bilinearly by each factor — then L2-normalised (:class:`MultiScale`);
+- database images ranked by cosine similarity, scored with revisitop's ``compute_map``
+  (:func:`compute_map` is a port) under the protocols built from each query's
+  ``easy``, ``hard`` and ``junk`` lists:
 
-Junk images are removed from the ranking before average precision is computed (a
-positive ranked after j junk images moves up j places). A query with no positives is
-skipped (its AP is NaN) and excluded from the mean.
+  - Easy:   positives = easy,         ignored (junk) = junk + hard;
+  - Medium: positives = easy + hard,  ignored = junk;
+  - Hard:   positives = hard,         ignored = junk + easy.
 
-Copy detection (DINO ``eval_copy_detection.py``, INRIA Copydays "strong" subset, without
-distractors or whitening as in the paper) ranks the database by cosine similarity too and
-reports the mAP over queries, each query's positives being its original image(s).
+  Junk images are removed from the ranking before average precision is computed. A
+  query with no positives is skipped (NaN AP) and left out of the mean. The paper
+  reports Medium and Hard.
 
-Ground-truth file format (JSON), image paths relative to the file's directory::
+Ground truth: revisitop's own ``gnd_roxford5k.pkl`` / ``gnd_rparis6k.pkl`` read as
+distributed (``imlist`` / ``qimlist`` names without extension, images in ``jpg/`` beside
+the pickle; :func:`load_revisitop`), or a JSON file for other data sets
+(:func:`load_ground_truth`), image paths relative to the file's folder::
 
-    {
-      "queries":  ["query/0001.jpg", ...],          # n_query paths
-      "database": ["db/0001.jpg", ...],             # n_db paths
-      "gnd": [                                       # one entry per query
-        {"easy": [3, 17], "hard": [5], "junk": [8]},   # retrieval: database indices
-        ...
-      ]
-    }
-
-For copy detection an entry is ``{"ok": [db indices]}`` (``"junk"`` optional). Indices
-are 0-based positions in ``"database"``. Revisitop's own pickles use the same ``gnd``
-entries (keys ``qimlist`` / ``imlist`` for the lists, also accepted here).
+    {"queries": ["query/0001.jpg", ...], "database": ["db/0001.jpg", ...],
+     "gnd": [{"easy": [3, 17], "hard": [5], "junk": [8]}, ...]}   # 0-based database indices
 """
 
 from __future__ import annotations
@@ -39,16 +33,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from .features import check_same_dim
 
 KAPPAS = (1, 5, 10)  # mP@k reported by revisitop / DINO
+IMSIZE = 512  # longer side, DINO's --imsize as the paper runs it
+SCALES = (1.0, 1 / math.sqrt(2), 0.5)  # DINO's multi_scale
+REVISITOP = ("roxford5k", "rparis6k")
 
 
 class GroundTruth(NamedTuple):
@@ -69,7 +68,10 @@ class RetrievalResult(NamedTuple):
 
 
 def load_ground_truth(path: str | os.PathLike) -> GroundTruth:
-    """Read a ground-truth JSON (format in the module docstring); paths made absolute."""
+    """Read a ground truth: revisitop's ``gnd_*.pkl`` (:func:`load_revisitop`), a folder
+    holding one, or a JSON file (format in the module docstring; paths made absolute)."""
+    if Path(path).suffix == ".pkl" or Path(path).is_dir():
+        return load_revisitop(path)
     path = Path(path)
     with open(path) as f:
         spec = json.load(f)
@@ -80,6 +82,67 @@ def load_ground_truth(path: str | os.PathLike) -> GroundTruth:
         raise ValueError(
             f"{path}: expected keys 'queries', 'database' and 'gnd', got {sorted(spec)}"
         )
+    root = path.parent
+    return _checked(path, [str(root / q) for q in queries], [str(root / d) for d in database], list(gnd))
+
+
+def load_revisitop(path: str | os.PathLike) -> GroundTruth:
+    """Read revisitop's ``gnd_<dataset>.pkl`` as distributed.
+
+    Args:
+        path: the pickle (``.../roxford5k/gnd_roxford5k.pkl``) or the folder holding it.
+
+    Returns:
+        :class:`GroundTruth`: query and database paths ``<folder>/jpg/<name>.jpg``
+        (``qimlist`` and ``imlist``), and per query ``{"easy", "hard", "junk"}`` lists of
+        database indices (the query boxes ``bbx`` are not used: DINO feeds whole images).
+
+    Raises:
+        FileNotFoundError: no pickle, or a listed image missing from ``jpg/``.
+        ValueError: a pickle without ``imlist`` / ``qimlist`` / ``gnd``, or with indices
+            outside the database.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("gnd_*.pkl"))
+        if not found:
+            raise FileNotFoundError(f"{path}: no gnd_*.pkl (revisitop ground truth) in this folder")
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"ground truth {str(path)!r} does not exist")
+    with open(path, "rb") as f:
+        spec = _RevisitopUnpickler(f, encoding="latin1").load()  # latin1: numpy arrays of Python 2 pickles
+    if not isinstance(spec, Mapping) or not {"imlist", "qimlist", "gnd"} <= set(spec):
+        keys = sorted(spec) if isinstance(spec, Mapping) else type(spec).__name__
+        raise ValueError(f"{path}: expected revisitop keys 'imlist', 'qimlist' and 'gnd', got {keys}")
+    images = path.parent / "jpg"
+    queries = [str(images / f"{name}.jpg") for name in spec["qimlist"]]
+    database = [str(images / f"{name}.jpg") for name in spec["imlist"]]
+    gnd = [
+        {key: [int(i) for i in np.asarray(entry.get(key, []), dtype=np.int64).ravel()] for key in ("easy", "hard", "junk")}
+        for entry in spec["gnd"]
+    ]
+    truth = _checked(path, queries, database, gnd)
+    missing = [p for p in truth.queries + truth.database if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"{path}: {len(missing)} listed image(s) missing from {images}, e.g. {missing[:3]}")
+    return truth
+
+
+class _RevisitopUnpickler(pickle.Unpickler):
+    """Unpickles builtins and numpy arrays only: a data file must not run code."""
+
+    def find_class(self, module: str, name: str):
+        if module.split(".")[0] == "numpy" and name in ("_reconstruct", "ndarray", "dtype", "scalar"):
+            return super().find_class(module, name)
+        if module.startswith("numpy") and name.endswith("DType"):  # numpy 2 dtype classes
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"ground truth pickles {module}.{name}: only lists, dicts and numpy arrays are read")
+
+
+def _checked(path: Path, queries: list[str], database: list[str], gnd: list[dict]) -> GroundTruth:
+    """Raise a ValueError naming ``path`` unless ``gnd`` has one entry per query and
+    every index is a database position."""
     if len(gnd) != len(queries):
         raise ValueError(f"{path}: 'gnd' has {len(gnd)} entries for {len(queries)} queries")
     for i, entry in enumerate(gnd):
@@ -92,10 +155,28 @@ def load_ground_truth(path: str | os.PathLike) -> GroundTruth:
                     f"{path}: gnd[{i}][{key!r}] holds indices {bad[:5]} outside the "
                     f"database of {len(database)} images"
                 )
-    root = path.parent
-    return GroundTruth(
-        [str(root / q) for q in queries], [str(root / d) for d in database], list(gnd)
-    )
+    return GroundTruth(queries, database, list(gnd))
+
+
+class MultiScale(nn.Module):
+    """Features averaged over input scales, then L2-normalised (DINO ``multi_scale``).
+
+    For each scale s the image batch ``[N, 3, H, W]`` is resized by the factor s
+    (bilinear, ``align_corners=False``, as ``F.interpolate(scale_factor=s)``; s = 1 is
+    the image itself), fed to ``backbone``, and the ``[N, D]`` outputs are averaged and
+    L2-normalised per row (DINO normalises the whole tensor: the same at its batch of 1).
+    """
+
+    def __init__(self, backbone: nn.Module, scales: Sequence[float] = SCALES):
+        super().__init__()
+        self.backbone, self.scales = backbone, tuple(float(s) for s in scales)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        total = 0.0
+        for scale in self.scales:
+            x = images if scale == 1 else F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+            total = total + self.backbone(x)  # [N, D]
+        return F.normalize(total / len(self.scales), dim=1)
 
 
 def rank_database(query_features: torch.Tensor, database_features: torch.Tensor) -> np.ndarray:
@@ -215,24 +296,3 @@ def retrieval_map(
         maps[name] = 100.0 * mean_ap
         mp_at[name] = {k: 100.0 * float(p) for k, p in zip(kappas, mpr)}
     return RetrievalResult(maps["easy"], maps["medium"], maps["hard"], mp_at)
-
-
-def copy_detection_map(
-    query_features: torch.Tensor,
-    database_features: torch.Tensor,
-    gnd: Sequence[Mapping[str, Sequence[int]]],
-) -> float:
-    """Copy-detection mAP (percent): cosine ranking, positives ``gnd[q]["ok"]``.
-
-    Args:
-        query_features: ``[n_query, D]`` (e.g. Copydays "strong" attacks).
-        database_features: ``[n_db, D]`` (the original images).
-        gnd: per query ``{"ok": [...], "junk": [...] (optional)}`` database indices.
-    """
-    if len(gnd) != len(query_features):
-        raise ValueError(
-            f"gnd must hold one entry per query, got {len(gnd)} for {len(query_features)}"
-        )
-    mean_ap, *_ = compute_map(rank_database(query_features, database_features), gnd)
-    return 100.0 * mean_ap
-

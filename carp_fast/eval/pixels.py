@@ -1,0 +1,35 @@
+"""The raw-pixel baseline: k-NN on the images themselves, the floor learned features must beat."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from .features import extract_features
+from .knn import TEMPERATURE, KNNResult, knn_accuracy
+
+
+def raw_pixel_knn(
+    bank: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    queries: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    k: int = 20,
+    temperature: float = TEMPERATURE,
+) -> KNNResult:
+    """Weighted k-NN top-1 / top-5 (percent) with each image's pixels as its feature.
+
+    The images are taken as the loaders give them to the network (resized, cropped and
+    normalised: ``[N, 3, S, S]``), flattened to ``[N, 3*S*S]``, L2-normalised and voted on
+    exactly as :func:`~carp_fast.eval.knn.knn_accuracy` votes on learned features (same k
+    and T), so the two numbers compare one representation against the other.
+
+    Args:
+        bank, queries: labelled loaders of ``(images, labels)`` (the k-NN monitor's).
+        k, temperature: the vote's k and T.
+    """
+    flatten = torch.nn.Flatten()
+    bank_pixels = extract_features(flatten, bank, device="cpu", progress=False)
+    query_pixels = extract_features(flatten, queries, device="cpu", progress=False)
+    return knn_accuracy(bank_pixels.features, bank_pixels.labels, query_pixels.features, query_pixels.labels,
+                        k=k, temperature=temperature)

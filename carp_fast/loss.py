@@ -192,7 +192,15 @@ def carp_block_loss(
     if n_teacher > n_student:
         raise ValueError(f"teacher has {n_teacher} views but the student only {n_student}")
 
-    # Softmax and loss in float32 at least: bf16/fp16 probabilities lose the small ones.
+    # Softmax and loss in float32 at least: bf16/fp16 probabilities lose the small ones, and
+    # 1 - eps rounds to 1 in bf16. Autocast is turned off because it would run the einsum
+    # (a bmm) in half precision again.
+    with torch.autocast(student_block_logits.device.type, enabled=False):
+        return _block_loss(student_block_logits, teacher_block_logits, eps)
+
+
+def _block_loss(student_block_logits: Tensor, teacher_block_logits: Tensor, eps: float | None) -> CARPLossParts:
+    n_student, n_teacher = student_block_logits.shape[0], teacher_block_logits.shape[0]
     dtype = torch.promote_types(student_block_logits.dtype, torch.float32)
     s = F.softmax(student_block_logits.to(dtype), dim=-1)  # [V_s, N, P, B]
     t = F.softmax(teacher_block_logits.detach().to(dtype), dim=-1)  # [V_t, N, P, B]

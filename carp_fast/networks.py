@@ -125,12 +125,26 @@ class CARPNetwork(nn.Module):
         return self.head(torch.cat(features))
 
 
-class CARPOutput(NamedTuple):
-    """What :class:`StudentTeacher` returns for one step."""
-
+class _CARPOutputFields(NamedTuple):
     student: Tensor  # [V_s, N, P, B] student block logits
     teacher: Tensor  # [V_t, N, P, B] teacher block logits (no gradient)
     partition: Tensor  # [P, B] the step's partition of the prototypes
+
+
+class CARPOutput(_CARPOutputFields):
+    """What :class:`StudentTeacher` returns for one step: ``student``, ``teacher``, ``partition``.
+
+    Also built from one iterable of the three fields, because fastai's ``apply`` (used by
+    ``to_float`` in ``MixedPrecision.after_pred``, ``to_device``, ``to_detach``) rebuilds a
+    tuple as ``type(x)([...])``, which a plain NamedTuple refuses.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, *fields, **named):
+        if len(fields) == 1 and not named:
+            fields = tuple(fields[0])
+        return super().__new__(cls, *fields, **named)
 
 
 class StudentTeacher(nn.Module):

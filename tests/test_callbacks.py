@@ -132,9 +132,3 @@ def test_autocast_runs_the_forward_in_bfloat16_on_cpu(tiny_dls, tiny_config):
     assert isinstance(learn.autocast, Autocast)
     assert all(p.dtype == torch.float32 for p in learn.model.parameters())
     assert not torch.is_autocast_enabled("cpu")
-
-
-def test_fp16_on_cpu_is_an_error(tiny_dls, tiny_config):
-    tiny_config.precision = "fp16"
-    with pytest.raises(ValueError, match="fp16"):
-        carp_learner(tiny_dls, tiny_config, progress=False)

@@ -12,8 +12,9 @@ from .metrics_logger import MetricsLogger
 class Checkpointer(Callback):
     """Writes ``out/checkpoint.pth`` every ``every`` epochs and after the last one.
 
-    Runs after the metrics of the epoch are written; on the main process only (all ranks
-    hold the same weights). See :mod:`carp_fast.checkpoint` for what it holds.
+    Runs after the metrics of the epoch are written, on every process (each rank's random
+    states and the accumulated gradients are gathered); the main process writes. See
+    :mod:`carp_fast.checkpoint` for what it holds.
 
     Args:
         out: the run directory.
@@ -30,10 +31,8 @@ class Checkpointer(Callback):
 
     def after_epoch(self):
         "Save on schedule."
-        from accelerate.state import PartialState
-
         from carp_fast.checkpoint import save_checkpoint
 
         last = self.learn.epoch == self.learn.n_epoch - 1
-        if ((self.learn.epoch + 1) % self.every == 0 or last) and PartialState().is_main_process:
+        if (self.learn.epoch + 1) % self.every == 0 or last:
             save_checkpoint(self.learn, self.file, next_epoch=self.learn.epoch + 1, settings=self.settings)

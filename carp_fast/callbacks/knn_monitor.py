@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+import torch.distributed as dist
 from fastai.callback.core import Callback
 
 from .carp_stats import CARPStats
@@ -13,8 +16,9 @@ class KNNMonitor(Callback):
     DINO's protocol (``carp_fast.eval.knn``): L2-normalised backbone features, cosine
     similarity, the k nearest training features vote with weight ``exp(sim / T)``. The
     result goes to ``learn.knn_top1`` and ``self.history`` as ``{"epoch", "step",
-    "knn_top1", "knn_top5"}``. It runs on the main process only (other ranks skip it: the teacher's
-    backbone is called directly, outside DistributedDataParallel, so no collective waits).
+    "knn_top1", "knn_top5"}``. It runs on the main process only (the teacher's backbone is
+    called directly, outside DistributedDataParallel) while the other ranks wait for it
+    (:meth:`evaluate_on_main`).
 
     Args:
         train_dl, valid_dl: labelled loaders of ``(images [N, 3, S, S], labels [N])``
@@ -25,6 +29,7 @@ class KNNMonitor(Callback):
     """
 
     order, run_valid = CARPStats.order + 1, False
+    wait = timedelta(days=1)  # how long the other ranks wait for an evaluation
 
     def __init__(self, train_dl, valid_dl, every: int = 1, k: int = 20, temperature: float = 0.07, network: str = "teacher"):
         if every < 1:
@@ -34,23 +39,39 @@ class KNNMonitor(Callback):
         self.train_dl, self.valid_dl, self.every = train_dl, valid_dl, every
         self.k, self.temperature, self.network = k, temperature, network
         self.history: list[dict] = []
+        self.evaluated_epoch: int | None = None
+        self._waiting_room = None  # a gloo group with a long timeout (see evaluate_on_main)
 
     def before_fit(self):
         "Start a fresh history."
-        self.history = []
+        self.history, self.evaluated_epoch = [], None
 
     def after_epoch(self):
-        "Evaluate on schedule, on the main process."
+        "Evaluate on schedule, on the main process; the others wait for it."
         last = self.learn.epoch == self.learn.n_epoch - 1
         if (self.learn.epoch + 1) % self.every and not last:
             return
+        result = self.evaluate_on_main()
+        self.evaluated_epoch = self.learn.epoch  # on every rank, so a caller can decide alike
+        if result is not None:
+            self.learn.knn_top1 = result[0]
+            self.history.append(dict(epoch=self.learn.epoch, step=self.learn.train_iter, knn_top1=result[0], knn_top5=result[1]))
+
+    def evaluate_on_main(self) -> tuple[float, float] | None:
+        """:meth:`evaluate` on the main process (``None`` elsewhere); call it on every process.
+
+        The other processes wait in a gloo group whose timeout is :attr:`wait`, on the host,
+        instead of in their next collective, whose timeout (10 minutes for NCCL) a large bank
+        outlasts.
+        """
         from accelerate.state import PartialState
 
-        if not PartialState().is_main_process:
-            return
-        top1, top5 = self.evaluate()
-        self.learn.knn_top1 = top1
-        self.history.append(dict(epoch=self.learn.epoch, step=self.learn.train_iter, knn_top1=top1, knn_top5=top5))
+        if self._waiting_room is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self._waiting_room = dist.new_group(backend="gloo", timeout=self.wait)  # every rank, here, together
+        result = self.evaluate() if PartialState().is_main_process else None
+        if self._waiting_room is not None:
+            dist.barrier(group=self._waiting_room)
+        return result
 
     def evaluate(self) -> tuple[float, float]:
         """k-NN top-1 and top-5 (percent) of the current network on the two loaders."""

@@ -2,14 +2,16 @@
 
 fastai's ``MixedPrecision`` and ``to_bf16()`` only autocast on CUDA (on the CPU they
 silently train in float32), so bfloat16 runs through this thin callback instead. float16
-on CUDA needs a gradient scaler: :func:`precision_callbacks` hands that case to fastai's
-own ``MixedPrecision``.
+needs a gradient scaler: :class:`FP16MixedPrecision` is fastai's ``MixedPrecision`` on the
+model's device (CUDA or CPU).
 """
 
 from __future__ import annotations
 
 import torch
 from fastai.callback.core import Callback
+from fastai.callback.fp16 import AMPMode, MixedPrecision
+from fastcore.foundation import L
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -49,6 +51,27 @@ class Autocast(Callback):
             self._context = None
 
 
+class FP16MixedPrecision(MixedPrecision):
+    """fastai's float16 ``MixedPrecision`` (autocast + ``GradScaler``) on any device.
+
+    fastai hardcodes ``autocast("cuda")`` and ``GradScaler("cuda")``, but torch runs both on
+    the CPU too, so only the device changes here. The scaler is made once and kept across
+    fits (fastai makes a new one in ``before_fit``): a resumed run loads its state into
+    ``self.grad_scaler`` before the fit (:func:`carp_fast.checkpoint.restore_checkpoint`).
+    """
+
+    name = "mixed_precision"  # where fastai's own would be: ``learn.mixed_precision``
+
+    def __init__(self, device_type: str):
+        super().__init__(AMPMode.FP16)
+        self.device_type, self.grad_scaler = device_type, torch.amp.GradScaler(device_type)
+
+    def before_fit(self):
+        "Autocast on the model's device, with the scaler that survives fits and resumes."
+        self.autocast = torch.autocast(self.device_type, dtype=torch.float16)
+        self.learn.scaler, self.scales = self.grad_scaler, L()
+
+
 def auto_precision(device: torch.device) -> str:
     """The precision ``"auto"`` stands for on ``device``: bf16 on CUDA; on the CPU bf16 only
     where oneDNN has bf16 kernels (AVX512-BF16 or AMX), fp32 elsewhere.
@@ -73,9 +96,5 @@ def precision_callbacks(precision: str, device: torch.device) -> list[Callback]:
     if precision == "bf16":
         return [Autocast(torch.bfloat16)]
     if precision == "fp16":
-        if device.type != "cuda":
-            raise ValueError(f"precision='fp16' needs a CUDA device (got {device}); use 'bf16' or 'fp32'")
-        from fastai.callback.fp16 import MixedPrecision
-
-        return [MixedPrecision()]
+        return [FP16MixedPrecision(device.type)]
     raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")

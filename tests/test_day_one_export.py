@@ -1,0 +1,45 @@
+"""The export round-trip check on a device whose convolutions carry TF32-sized errors (issue 12)."""
+
+import pytest
+import torch
+
+from carp_fast.backbones import build_backbone
+from carp_fast.export import check_export
+
+
+class TF32Backbone(torch.nn.Module):
+    """A backbone as CUDA runs it by default: while cuDNN may use TF32 for fp32 convolutions
+    (``torch.backends.cudnn.conv.fp32_precision`` not "ieee"), its features carry relative
+    errors of about 1e-3 (TF32 keeps 10 mantissa bits)."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x):
+        y = self.backbone(x)
+        if torch.backends.cudnn.conv.fp32_precision != "ieee":
+            y = y * (1 + 1e-3 * torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+        return y
+
+
+@pytest.fixture
+def exported(tmp_path):
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet10_tiny")
+    torch.save(backbone.state_dict(), tmp_path / "b.pth")
+    return tmp_path / "b.pth", backbone
+
+
+def test_export_check_ignores_tf32_errors(exported):
+    path, backbone = exported
+    check_export(path, "resnet10_tiny", reference=TF32Backbone(backbone))  # does not raise
+    assert torch.backends.cudnn.conv.fp32_precision == "tf32"  # the user's setting is back
+
+
+def test_export_check_still_catches_other_weights(exported):
+    path, _ = exported
+    torch.manual_seed(1)
+    other = build_backbone("resnet10_tiny")
+    with pytest.raises(RuntimeError, match="does not reproduce"):
+        check_export(path, "resnet10_tiny", reference=TF32Backbone(other))

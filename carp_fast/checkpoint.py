@@ -20,8 +20,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .callbacks.accumulation import GradientAccumulation
-from .callbacks.precision import FP16MixedPrecision
 
 CHECKPOINT_NAME = "checkpoint.pth"
 # Settings that may change between a run and its resumption (budgets, output, logging).
@@ -76,7 +74,7 @@ def _accumulated_grads(learn) -> dict | None:
     unchanged and one copy, restored on every rank, resumes it exactly.
     """
     accumulation = getattr(learn, "gradient_accumulation", None)
-    if not isinstance(accumulation, GradientAccumulation) or accumulation.count % accumulation.n_steps == 0:
+    if accumulation is None or accumulation.count % accumulation.n_steps == 0:
         return None
     grads = {name: p.grad for name, p in _unwrap(learn.model).named_parameters() if p.grad is not None}
     _, world = _rank_and_world()
@@ -88,7 +86,8 @@ def _accumulated_grads(learn) -> dict | None:
 
 
 def _grad_scaler(learn):
-    return next((cb.grad_scaler for cb in getattr(learn, "cbs", []) if isinstance(cb, FP16MixedPrecision)), None)
+    """The fp16 GradScaler (:class:`~carp_fast.callbacks.FP16MixedPrecision` keeps one across fits)."""
+    return next((cb.grad_scaler for cb in getattr(learn, "cbs", []) if hasattr(cb, "grad_scaler")), None)
 
 
 def save_checkpoint(learn, path: str | os.PathLike, *, next_epoch: int, settings: dict) -> Path:
@@ -107,7 +106,7 @@ def save_checkpoint(learn, path: str | os.PathLike, *, next_epoch: int, settings
         "model": _unwrap(learn.model).state_dict(),
         "opt": learn.opt.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "accumulation_count": accumulation.count if isinstance(accumulation, GradientAccumulation) else 0,
+        "accumulation_count": accumulation.count if accumulation is not None else 0,
         "grads": grads,
         "epoch": next_epoch,
         "train_iter": learn.train_iter,
@@ -145,7 +144,11 @@ def check_same_run(saved: dict, current: dict, path) -> None:
 
 
 def restore_checkpoint(learn, state: dict) -> None:
-    """Load ``state`` into ``learn`` (after ``learn.create_opt()``), on every process."""
+    """Load ``state`` into ``learn``, on every process, once its optimizer exists and fastai
+    has reset its counters (the :class:`~carp_fast.callbacks.Checkpointer` does it in
+    ``before_fit``): weights, optimizer, GradScaler, accumulated gradients, random states,
+    the step counters, and ``learn.first_epoch`` (a :class:`~carp_fast.learner.CARPLearner`
+    starts the fit there)."""
     model = _unwrap(learn.model)
     model.load_state_dict(state["model"])
     learn.opt.load_state_dict(state["opt"])
@@ -157,6 +160,10 @@ def restore_checkpoint(learn, state: dict) -> None:
         if name in grads:
             p.grad = torch.empty_like(p).copy_(grads[name])  # the parameter's device and layout
     _restore_rng(state["rng"])
+    learn.train_iter, learn.first_epoch = state["train_iter"], state["epoch"]
+    accumulation = getattr(learn, "gradient_accumulation", None)
+    if accumulation is not None:
+        accumulation.count = state["accumulation_count"]
 
 
 def _restore_rng(saved: list[dict] | dict) -> None:

@@ -19,16 +19,19 @@ from fastai.callback.core import Callback, CancelEpochException, TrainEvalCallba
 from fastai.callback.schedule import SchedCos
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
+from fastai.torch_core import trainable_params
 
+from .accelerator import check_accelerator, make_accelerator
 from .callbacks.accumulation import GradientAccumulation
 from .callbacks.carp_stats import CARPStats
+from .callbacks.data_wait import DataWait
 from .callbacks.epoch_sync import EpochSync
 from .callbacks.precision import PRECISIONS, auto_channels_last, auto_precision, precision_callbacks
 from .callbacks.progress import RichProgress
 from .callbacks.recorder import DeviceRecorder
 from .callbacks.schedule import OptimizerStepScheduler
 from .callbacks.teacher_ema import TeacherEMA
-from .lars import LARS
+from .lars import lars_optimizer
 from .loss import CARPLoss
 from .networks import StudentTeacher
 from .partition import PARTITION_MODES
@@ -67,7 +70,7 @@ class CARPConfig:
     global_batch: int = setting(4096, "images per optimizer step; batch_size x processes x accumulation")
     teacher_momentum: float = setting(0.99, "teacher EMA momentum at the start; cosine to 1.0 over the fit")
     # Speed
-    precision: str = setting("auto", "auto (bf16 on CUDA and on CPUs with bf16 units, else fp32) | bf16 | fp16 (CUDA) | fp32")
+    precision: str = setting("auto", "auto (bf16 on CUDA and on CPUs with bf16 units, else fp32) | bf16 | fp16 (autocast + GradScaler, as the paper; slow on CPUs) | fp32")
     channels_last: bool | None = setting(None, "channels_last memory format; None: on with CUDA or bf16")
     sync_bn: bool = setting(True, "batch statistics over all processes (torch's SyncBatchNorm on CUDA)")
     # Logging
@@ -134,10 +137,8 @@ def build_model(config: CARPConfig) -> StudentTeacher:
 
 def _opt_func(config: CARPConfig):
     if config.optimizer == "lars":
-        opt = partial(LARS, momentum=config.lars_momentum, weight_decay=config.weight_decay, eta=config.lars_eta)
-    else:
-        opt = partial(torch.optim.AdamW, weight_decay=config.weight_decay)
-    return partial(OptimWrapper, opt=opt)
+        return partial(lars_optimizer, momentum=config.lars_momentum, weight_decay=config.weight_decay, eta=config.lars_eta)
+    return partial(OptimWrapper, opt=partial(torch.optim.AdamW, weight_decay=config.weight_decay))
 
 
 class CARPLearner(Learner):
@@ -151,9 +152,13 @@ class CARPLearner(Learner):
     first_epoch = 0
 
     def _do_fit(self):
-        for epoch in range(self.first_epoch, self.n_epoch):
-            self.epoch = epoch
-            self._with_events(self._do_epoch, "epoch", CancelEpochException)
+        try:
+            self.epoch = min(self.first_epoch, self.n_epoch) - 1  # stays the last epoch if none is left
+            for epoch in range(self.first_epoch, self.n_epoch):
+                self.epoch = epoch
+                self._with_events(self._do_epoch, "epoch", CancelEpochException)
+        finally:
+            self.first_epoch = 0  # a resume applies to one fit
 
 
 def carp_learner(dls, config: CARPConfig, *, accelerator=None, cbs=None, path: str = ".", progress: bool = True) -> Learner:
@@ -176,14 +181,40 @@ def carp_learner(dls, config: CARPConfig, *, accelerator=None, cbs=None, path: s
         GradientAccumulation, the precision callback, ParamScheduler (lr and weight decay),
         TeacherEMA and CARPStats (``learn.carp_stats.history``).
     """
-    if accelerator is None:
-        from accelerate import Accelerator
+    lr = config.peak_lr()
+    final_wd = config.weight_decay if config.final_weight_decay is None else config.final_weight_decay
+    schedules = {"lr": SchedCos(lr, config.final_lr), "wd": SchedCos(config.weight_decay, final_wd)}
+    return build_learner(
+        dls, build_model(config), config, loss_func=CARPLoss(), opt_func=_opt_func(config), lr=lr,
+        method_cbs=[OptimizerStepScheduler(schedules), TeacherEMA(config.teacher_momentum), CARPStats(every=config.log_every)],
+        accelerator=accelerator, cbs=cbs, path=path, progress=progress,
+    )
 
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+
+def build_learner(
+    dls, model, config, *, loss_func, opt_func, lr: float, method_cbs, accelerator=None, cbs=None,
+    path: str = ".", progress: bool = True, splitter=trainable_params,
+) -> CARPLearner:
+    """What every method's learner shares (:func:`carp_learner`, ``carp_fast.massl.massl_learner``).
+
+    Puts ``model`` on Accelerate's device (SyncBatchNorm and DistributedDataParallel with
+    several processes, channels_last where it pays) and adds the shared callbacks: epoch sync,
+    device recorder, gradient accumulation, precision and progress.
+
+    Args:
+        dls, accelerator, cbs, path, progress: as :func:`carp_learner`.
+        model: the method's module (student, teacher and whatever the method keeps).
+        config: the method's settings; read here: ``batch_size``, ``precision``,
+            ``channels_last``, ``sync_bn``, ``accumulation_steps()``, ``resolved_precision()``.
+        loss_func, opt_func, lr, splitter: as fastai's Learner.
+        method_cbs: the method's callbacks (schedules, teacher update, statistics).
+    """
+    # One precision: the config's callbacks; an Accelerator that would autocast too is refused.
+    accelerator = make_accelerator() if accelerator is None else accelerator
+    check_accelerator(accelerator)
     device, n_proc = accelerator.device, accelerator.num_processes
     n_acc = config.accumulation_steps(n_proc)
 
-    model = build_model(config)
     precision = config.resolved_precision(device)
     channels_last = auto_channels_last(device, precision) if config.channels_last is None else config.channels_last
     if n_proc > 1 and config.sync_bn:
@@ -192,28 +223,31 @@ def carp_learner(dls, config: CARPConfig, *, accelerator=None, cbs=None, path: s
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if n_proc > 1:
+        if accelerator.ddp_handler is None:  # a caller's own DistributedDataParallelKwargs win
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            # SyncBatchNorm keeps the BatchNorm statistics equal and the loss broadcasts the
+            # partition: DDP's default re-broadcast of every buffer before every forward (16
+            # times a step with accumulation) would only cost time.
+            accelerator.ddp_handler = DistributedDataParallelKwargs(broadcast_buffers=False)
         model = accelerator.prepare_model(model)
     if all(hasattr(dl, "to") for dl in dls.loaders):
         dls.device = device  # fastai loaders move their batches themselves
     else:
         dls._device = device  # plain torch loaders: the Learner moves each batch
 
-    lr = config.peak_lr()
-    final_wd = config.weight_decay if config.final_weight_decay is None else config.final_weight_decay
-    schedules = {"lr": SchedCos(lr, config.final_lr), "wd": SchedCos(config.weight_decay, final_wd)}
     callbacks = [
         TrainEvalCallback(),
         EpochSync(),
+        DataWait(),
         DeviceRecorder(valid_metrics=len(dls.valid) > 0 if dls.valid is not None else False),
         GradientAccumulation(n_acc),
         *precision_callbacks(precision, device),
-        OptimizerStepScheduler(schedules),
-        TeacherEMA(config.teacher_momentum),
-        CARPStats(every=config.log_every),
+        *method_cbs,
     ]
     callbacks.append(RichProgress(images_per_batch=config.batch_size * n_proc, show=progress))
     learn = CARPLearner(
-        dls, model, loss_func=CARPLoss(), opt_func=_opt_func(config), lr=lr,
+        dls, model, loss_func=loss_func, opt_func=opt_func, lr=lr, splitter=splitter,
         cbs=callbacks + list(cbs or []), path=path, default_cbs=False,
     )
     if channels_last:

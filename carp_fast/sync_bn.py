@@ -27,6 +27,9 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         import torch.distributed.nn.functional as dist_fn
 
+        # Statistics in float32, as autocast runs BatchNorm: bf16 sums of squares over a batch
+        # lose the variance, and the running buffers are float32.
+        x = x.float()
         dims = [0] + list(range(2, x.dim()))  # all but channels
         count = torch.tensor(float(x.numel() // x.shape[1]), dtype=x.dtype, device=x.device)
         sums = torch.cat([x.sum(dims), (x * x).sum(dims), count[None]])  # [2C + 1]

@@ -2,18 +2,19 @@
 
     accelerate launch recipes/in1k.py --data /path/to/imagenet --out runs/in1k
 
-The multi-crop recipe without local crops; everything else is shared with it.
+The multi-crop recipe (recipes/in1k_mc.py) without local crops; everything else, and the
+steps of the run, are that recipe's.
 """
 
-import sys
-from pathlib import Path
+from carp_fast.recipes.in1k_mc import DEFAULTS as MULTI_CROP
+from carp_fast.recipes.in1k_mc import main as run_in1k
 
-sys.path.insert(0, str(Path(__file__).parent))
-from in1k_mc import SETTINGS as MULTI_CROP  # noqa: E402
+DEFAULTS = {**MULTI_CROP, "out": "runs/in1k", "local_crops": 0}
 
-SETTINGS = {**MULTI_CROP, "out": "runs/in1k", "local_crops": 0}
+
+def main(argv=None) -> dict:
+    return run_in1k(argv, defaults=DEFAULTS)
+
 
 if __name__ == "__main__":
-    from carp_fast.train import run
-
-    run(SETTINGS, description=__doc__)
+    main()

@@ -2,33 +2,53 @@
 
     accelerate launch recipes/in1k_mc.py --data /path/to/imagenet --out runs/in1k_mc
 
-4 GPUs x batch 64 x 16 accumulation steps = global batch 4096 (paper appendix C.1).
-Override any setting on the command line; `--help` lists them all. For 400 epochs the
-paper uses --base-lr 0.3 --final-lr 0.003 (0.6 -> 0.006 up to 200 epochs).
+4 GPUs x batch 64 x 16 accumulation steps = global batch 4096 (paper appendix C.1). With
+another GPU count keep --global-batch: the accumulation follows. Every setting below, and
+every CARPConfig setting (ResNet-50, K = 65,536, B = 512, LARS, weight decay 1e-6, teacher
+momentum 0.99 -> 1, bf16, SyncBatchNorm, channels_last by default), is an option; `--help`
+lists them with their defaults. For 400 epochs the paper uses --base-lr 0.3 --final-lr 0.003.
 """
 
-SETTINGS = dict(
-    data="/path/to/imagenet",  # folder with train/ and val/ in the ImageNet layout
+from carp_fast.export import export_backbone
+from carp_fast.learner import carp_learner
+from carp_fast.options import REQUIRED
+from carp_fast.run import command_line, finish, knn_baselines, open_sources, parse_settings, pretraining_dataloaders, run_callbacks, start
+
+DEFAULTS = dict(
+    data=REQUIRED,  # a folder with train/ and val/ in the ImageNet layout (class folders of JPEGs)
     out="runs/in1k_mc",
     epochs=200,
-    # The model, objective and optimiser are CARPConfig's defaults: ResNet-50, K = 65,536,
-    # B = 512, LARS, weight decay 1e-6, teacher momentum 0.99 -> 1, bf16, SyncBatchNorm,
-    # channels_last.
+    # Optimisation (the model is CARPConfig's default: the paper's)
     base_lr=0.6,  # peak 0.6 x 4096 / 256 = 9.6, no warm-up (paper C.1; 0.3 for 400 epochs)
     final_lr=0.006,  # absolute end of the cosine, not scaled with the batch (0.003 for 400 epochs)
-    batch_size=64,  # per GPU; lower it (and keep global_batch) if memory runs out
+    batch_size=64,  # per GPU; lower it if memory runs out (the accumulation grows, the global batch stays)
     global_batch=4096,
+    # Crops
     global_size=224,
     local_size=96,
     local_crops=6,
     workers=8,  # DALI threads per GPU
+    # Monitoring
     knn_every=10,
     knn_bank=100_000,  # k-NN monitor: a labelled 100k bank keeps it to minutes
     knn_queries=10_000,
     log_every=50,
 )
 
-if __name__ == "__main__":
-    from carp_fast.train import run
 
-    run(SETTINGS, description=__doc__)
+@command_line
+def main(argv=None, defaults=DEFAULTS) -> dict:
+    """Train, evaluate and export; returns the summary (also in ``out/summary.json``)."""
+    settings, config = parse_settings(defaults, argv, __doc__)
+    accelerator = start(settings, config)  # processes, devices, precision, seed
+    sources = open_sources(settings, config)  # pretraining images, k-NN bank and queries
+    dls = pretraining_dataloaders(sources, settings, config, accelerator)  # DALI (or torchvision) multi-crop
+    learn = carp_learner(dls, config, accelerator=accelerator, path=settings.out, progress=settings.progress)
+    learn.add_cbs(run_callbacks(settings, config, sources, accelerator))  # metrics, checkpoints (resume), k-NN, budget
+    baselines = knn_baselines(learn, settings)  # with --knn-random-init
+    learn.fit(settings.epochs)
+    return finish(learn, settings, config, baselines, export=export_backbone)
+
+
+if __name__ == "__main__":
+    main()

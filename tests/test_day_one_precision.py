@@ -7,7 +7,6 @@ import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.torch_core import to_float
 
-from carp_fast.checkpoint import restore_checkpoint
 from carp_fast.loss import carp_block_loss
 from carp_fast.networks import CARPOutput
 
@@ -72,12 +71,11 @@ def test_fp16_resume_restores_the_loss_scale(tiny_dls, tiny_config, tmp_path):
     learn.fit(1)
     state = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
     state["scaler"]["scale"] = 512.0  # a scale no fresh scaler starts from (65536)
+    torch.save(state, tmp_path / "checkpoint.pth")
 
     spy = _ScaleSpy(batches=1)
-    resumed = carp_learner(tiny_dls, _fp16(tiny_config), cbs=[spy], progress=False)
-    resumed.create_opt()
-    restore_checkpoint(resumed, state)
-    resumed.fit(1)
+    resumed = carp_learner(tiny_dls, _fp16(tiny_config), cbs=[spy, Checkpointer(tmp_path, {}, resume=True)], progress=False)
+    resumed.fit(2)  # resumes at epoch 1: the restore happens at the start of the fit, as a run does it
     assert spy.scales[0] == 512.0
 
 

@@ -1,4 +1,4 @@
-"""`pip install .` installs carp_fast and nothing else at the top level (issue 13, item 4)."""
+"""`pip install .` installs carp_fast and nothing else at the top level, recipes and pipelines inside it."""
 
 import shutil
 import subprocess
@@ -16,7 +16,7 @@ def test_wheel_holds_only_carp_fast_with_every_module(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    for name in ("carp_fast", "pipelines"):
+    for name in ("carp_fast", "pipelines", "recipes"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src)],
@@ -28,6 +28,7 @@ def test_wheel_holds_only_carp_fast_with_every_module(tmp_path):
     assert top_level == {"carp_fast"}
     # Every module of the source tree is in the wheel: pipelines/ as carp_fast/pipelines/.
     sources = {f"carp_fast/{p.relative_to(ROOT / 'carp_fast')}" for p in (ROOT / "carp_fast").rglob("*.py")}
-    sources |= {f"carp_fast/pipelines/{p.relative_to(ROOT / 'pipelines')}" for p in (ROOT / "pipelines").rglob("*.py")}
+    for folder in ("pipelines", "recipes"):
+        sources |= {f"carp_fast/{folder}/{p.relative_to(ROOT / folder)}" for p in (ROOT / folder).rglob("*.py")}
     missing = sorted(sources - set(names))
     assert not missing, f"modules left out of the wheel (add their package to pyproject.toml): {missing}"

@@ -1,4 +1,4 @@
-"""Saves a resumable checkpoint at the end of epochs."""
+"""Resumable checkpoints: written at the end of epochs, restored at the start of a resumed fit."""
 
 from __future__ import annotations
 
@@ -10,24 +10,46 @@ from .metrics_logger import MetricsLogger
 
 
 class Checkpointer(Callback):
-    """Writes ``out/checkpoint.pth`` every ``every`` epochs and after the last one.
+    """Writes ``out/checkpoint.pth`` every ``every`` epochs and after the last one; with
+    ``resume=True`` it first puts everything back from that file: the one place a run resumes.
 
-    Runs after the metrics of the epoch are written, on every process (each rank's random
-    states and the accumulated gradients are gathered); the main process writes. See
-    :mod:`carp_fast.checkpoint` for what it holds.
+    Writing runs after the epoch's metrics line (so a kill between the two loses no line),
+    on every process (each rank's random states and the accumulated gradients are
+    gathered); the main process writes. Resuming reads the file and compares its settings
+    with ``settings`` when the callback is made (a clear error before anything starts), and
+    restores weights, optimizer, GradScaler, accumulated gradients, random states, step
+    counters and the epoch to start at in ``before_fit``, after fastai has reset its counters
+    and the GradScaler exists. See :mod:`carp_fast.checkpoint` for the file.
 
     Args:
         out: the run directory.
-        settings: the run's settings (stored, and compared on ``--resume``).
+        settings: the run's settings (stored, and compared on resume).
         every: epochs between checkpoints.
+        resume: continue from ``out/checkpoint.pth``.
     """
 
     order, run_valid = MetricsLogger.order + 1, False
 
-    def __init__(self, out, settings: dict, every: int = 1):
-        from carp_fast.checkpoint import CHECKPOINT_NAME
+    def __init__(self, out, settings: dict, every: int = 1, resume: bool = False):
+        from carp_fast.checkpoint import CHECKPOINT_NAME, check_same_run, load_checkpoint
 
         self.file, self.settings, self.every = Path(out) / CHECKPOINT_NAME, settings, every
+        self.resume_state = None
+        if resume:
+            self.resume_state = load_checkpoint(self.file)
+            check_same_run(self.resume_state["settings"], settings, self.file)
+
+    def before_fit(self):
+        "Resume (once): put the saved state back."
+        if self.resume_state is None:
+            return
+        from accelerate.state import PartialState
+
+        from carp_fast.checkpoint import restore_checkpoint
+
+        restore_checkpoint(self.learn, self.resume_state)
+        PartialState().print(f"resuming {self.file} at epoch {self.resume_state['epoch']}")
+        self.resume_state = None
 
     def after_epoch(self):
         "Save on schedule."

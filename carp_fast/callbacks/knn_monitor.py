@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -83,5 +84,9 @@ class KNNMonitor(Callback):
         # extract_features runs the backbone in eval mode and restores its mode itself.
         bank = extract_features(backbone, self.train_dl, device=device, progress=False)
         queries = extract_features(backbone, self.valid_dl, device=device, progress=False)
-        result = knn_accuracy(bank.features, bank.labels, queries.features, queries.labels, k=self.k, temperature=self.temperature)
+        k = min(self.k, len(bank.labels))  # a bank smaller than k (a small test folder) votes with all of it
+        if k < self.k and not getattr(self, "_warned_k", False):
+            warnings.warn(f"KNNMonitor: the bank has {k} images, fewer than k={self.k}; voting with k={k}", stacklevel=2)
+            self._warned_k = True
+        result = knn_accuracy(bank.features, bank.labels, queries.features, queries.labels, k=k, temperature=self.temperature)
         return result.top1, result.top5

@@ -34,12 +34,16 @@ class MetricsLogger(Callback):
         self.file, self.tensorboard = Path(out) / "metrics.jsonl", tensorboard
 
     def before_fit(self):
-        "Open the outputs (main process only)."
+        "Outputs open at the first training epoch, once a resume has set the epoch to start at."
         from accelerate.state import PartialState
 
-        self.enabled = PartialState().is_main_process
-        if not self.enabled:
+        self.enabled, self.writer, self._opened = PartialState().is_main_process, None, False
+
+    def before_train(self):
+        "Open the outputs (main process only, once per fit)."
+        if not self.enabled or self._opened:
             return
+        self._opened = True
         self.file.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if self.file.exists():

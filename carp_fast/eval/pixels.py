@@ -26,10 +26,10 @@ def raw_pixel_knn(
 
     Args:
         bank, queries: labelled loaders of ``(images, labels)`` (the k-NN monitor's).
-        k, temperature: the vote's k and T.
+        k, temperature: the vote's k and T (k at most the bank's size, as the k-NN monitor).
     """
     flatten = torch.nn.Flatten()
     bank_pixels = extract_features(flatten, bank, device="cpu", progress=False)
     query_pixels = extract_features(flatten, queries, device="cpu", progress=False)
     return knn_accuracy(bank_pixels.features, bank_pixels.labels, query_pixels.features, query_pixels.labels,
-                        k=k, temperature=temperature)
+                        k=min(k, len(bank_pixels.labels)), temperature=temperature)

@@ -1,0 +1,310 @@
+"""The steps of a pretraining run, each one call from a recipe.
+
+A recipe (``recipes/*.py``) reads top to bottom::
+
+    settings, config = parse_settings(DEFAULTS, argv, __doc__)      # options, exit 2 on a bad one
+    accelerator = start(settings, config)                          # processes, devices, precision, seed
+    sources = open_sources(settings, config)                       # pretraining, k-NN bank, queries
+    dls = pretraining_dataloaders(sources, settings, config, accelerator)
+    learn = carp_learner(dls, config, accelerator=accelerator, path=settings.out)
+    learn.add_cbs(run_callbacks(settings, config, sources, accelerator))  # metrics, checkpoints, k-NN, budget
+    baselines = knn_baselines(learn, settings)                     # random init and raw pixels
+    learn.fit(settings.epochs)                                      # a --resume continues inside fit
+    finish(learn, settings, config, baselines, export_backbone)    # final k-NN, export, summary
+
+A run writes to ``--out``: ``metrics.jsonl``, ``tensorboard/``, ``checkpoint.pth`` (resumable
+with ``--resume``), ``backbone_teacher.pth`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+from .learner import CARPConfig, setting
+from .options import parse_settings as _parse
+
+BACKENDS = ("auto", "dali", "torchvision")
+
+
+@dataclass
+class TrainSettings:
+    """Data, budget and output settings of a run (the method's are in CARPConfig or MaSSLConfig)."""
+
+    data: str = setting("fashion-mnist", "'fashion-mnist', or an ImageNet-layout folder (train/ and val/ with class folders)")
+    data_root: str | None = setting(None, "where Fashion-MNIST's idx files are (default: Debian's /usr/share/datasets/fashion-mnist)")
+    out: str = setting("runs/carp", "run directory: metrics, checkpoints, exported backbone")
+    epochs: int = setting(100, "epochs of the schedules (learning rate, teacher momentum)")
+    minutes: float | None = setting(None, "stop after the epoch at which the next one would pass this budget")
+    train_images: int = setting(0, "pretrain on a fixed random subset of this many images (0: all)")
+    resume: bool = setting(False, "continue from out/checkpoint.pth")
+    # Crops (the global crop count is the method's global_crops)
+    global_size: int = setting(224, "global crop size in pixels")
+    local_size: int = setting(96, "local crop size in pixels")
+    local_crops: int = setting(6, "local crops per image (0: no multi-crop)")
+    global_scale: tuple[float, float] = setting((0.2, 1.0), "random-resized-crop area range of global crops")
+    local_scale: tuple[float, float] = setting((0.05, 0.2), "random-resized-crop area range of local crops")
+    blur_sigma: tuple[float, float] = setting((0.1, 2.0), "Gaussian blur sigma range")
+    backend: str = setting("auto", "input pipeline: auto (DALI if installed) | dali | torchvision")
+    workers: int = setting(4, "DALI threads or DataLoader workers per process")
+    strict_data: bool = setting(False, "stop on the first unreadable image instead of skipping it")
+    # Monitoring
+    knn_every: int = setting(10, "epochs between k-NN evaluations (0: never; always after the last)")
+    knn_bank: int = setting(0, "labelled training images in the k-NN bank (0: all)")
+    knn_queries: int = setting(0, "evaluation images queried (0: all)")
+    eval_size: int = setting(224, "evaluation crop size")
+    eval_resize: int | None = setting(256, "evaluation resize before the centre crop (None: none)")
+    knn_random_init: bool = setting(False, "also evaluate the network at initialisation and raw pixels (printed side by side)")
+    checkpoint_every: int = setting(1, "epochs between checkpoints")
+    progress: bool = setting(True, "show progress (a bar on a terminal; lines in a redirected log)")
+
+    def __post_init__(self):
+        # Ranges arrive as lists from the command line or JSON; store them as tuples so that
+        # a resumed run's settings compare equal.
+        for name in ("global_scale", "local_scale", "blur_sigma"):
+            setattr(self, name, tuple(getattr(self, name)))
+        checks = [
+            (self.epochs >= 1, "--epochs must be >= 1"),
+            (self.minutes is None or self.minutes > 0, "--minutes must be > 0"),
+            (self.train_images >= 0, "--train-images must be >= 0"),
+            (min(self.global_size, self.local_size, self.eval_size) >= 1, "crop sizes must be >= 1 pixel"),
+            (self.local_crops >= 0, "--local-crops must be >= 0"),
+            (all(0 < lo <= hi <= 1 for lo, hi in (self.global_scale, self.local_scale)), "crop scales must satisfy 0 < LOW <= HIGH <= 1"),
+            (0 <= self.blur_sigma[0] <= self.blur_sigma[1], "--blur-sigma must satisfy 0 <= LOW <= HIGH"),
+            (self.backend in BACKENDS, f"--backend must be one of {BACKENDS}"),
+            (self.workers >= 1, "--workers must be >= 1"),
+            (self.knn_every >= 0 and self.knn_bank >= 0 and self.knn_queries >= 0, "--knn-every, --knn-bank and --knn-queries must be >= 0"),
+            (self.eval_resize is None or self.eval_resize >= self.eval_size, "--eval-resize must be >= --eval-size (or None)"),
+            (self.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{message}, got {self._value_of(message)}")
+        _check_data(self.data)
+
+    def _value_of(self, message: str) -> str:
+        option = message.split()[0].removeprefix("--").replace("-", "_")
+        return repr(getattr(self, option)) if hasattr(self, option) else "another value"
+
+
+def _check_data(data: str) -> None:
+    """A cheap check of ``--data`` before anything starts: the folder exists and holds files."""
+    if data == "fashion-mnist":
+        return
+    folder = Path(data)
+    if not folder.is_dir():
+        raise ValueError(f"--data {data!r}: no such folder; give an ImageNet-layout folder or 'fashion-mnist'")
+    train = folder / "train" if (folder / "train").is_dir() else folder
+    classes = [p for p in train.iterdir() if p.is_dir()]
+    if not classes or not any(any(p.iterdir()) for p in classes):
+        raise ValueError(f"--data {data!r}: no class folders with images in {str(train)!r} (expected DIR/train/<class>/*)")
+
+
+class SettingsError(ValueError):
+    """A setting that cannot work, found while starting the run; the command line exits 2."""
+
+
+def command_line(main: Callable) -> Callable:
+    """Decorates a recipe's ``main``: a :class:`SettingsError` ends the program with one
+    ``error:`` line and exit status 2, as argparse does for a malformed option."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except SettingsError as error:
+            print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper
+
+
+def parse_settings(defaults: dict, argv=None, description: str | None = None, config_class: type = CARPConfig):
+    """``(TrainSettings, config)`` from the command line over a recipe's ``defaults``.
+
+    A default of :data:`carp_fast.options.REQUIRED` makes the option required (``--data``
+    of the ImageNet recipes); ``config_class`` is the method's settings (CARPConfig,
+    MaSSLConfig). A bad value ends the program with one error line, exit 2.
+    """
+    return _parse((TrainSettings, config_class), defaults, argv, description)
+
+
+# ---- the steps ------------------------------------------------------------------------------
+
+
+def start(settings: TrainSettings, config):
+    """The run's Accelerator (processes, devices) with carp_fast's precision as the only one,
+    the global batch split over the processes, the seed set and ``--out`` made.
+
+    When ``batch_size x processes`` does not divide ``global_batch`` but ``global_batch /
+    processes`` is a smaller whole batch, the per-process batch becomes that (printed): the
+    same global batch on 2 processes as on 1, with no option to change.
+    """
+    from accelerate.utils import set_seed
+
+    from .accelerator import adopt_accelerate_precision, make_accelerator
+
+    try:
+        config.precision = adopt_accelerate_precision(config.precision)
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
+    accelerator = make_accelerator()
+    n_proc = accelerator.num_processes
+    per_process, left = divmod(config.global_batch, n_proc)
+    if config.global_batch % (config.batch_size * n_proc) and not left and per_process < config.batch_size:
+        accelerator.print(f"batch_size {config.batch_size} -> {per_process} per process: global batch {config.global_batch} over {n_proc} processes")
+        config.batch_size = per_process
+    try:
+        config.accumulation_steps(n_proc)
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
+    set_seed(config.seed)
+    Path(settings.out).mkdir(parents=True, exist_ok=True)
+    return accelerator
+
+
+class Sources(NamedTuple):
+    """The run's images: pretraining, the k-NN monitor's labelled bank and its queries (or None)."""
+
+    train: object
+    bank: object
+    queries: object | None
+
+
+def open_sources(settings: TrainSettings, config) -> Sources:
+    """Open ``--data``; ``--train-images`` and ``--knn-bank`` / ``--knn-queries`` take fixed
+    random subsets (the same on every process and in a resumed run)."""
+    from .pipelines import open_split
+
+    try:
+        full_train = open_split(settings.data, "train", root=settings.data_root)
+        queries = open_split(settings.data, "test", root=settings.data_root, required=False)
+    except (FileNotFoundError, ValueError) as error:
+        raise SettingsError(f"--data {settings.data!r}: {error}") from None
+    return Sources(
+        _subset(full_train, settings.train_images, config.seed),
+        _subset(full_train, settings.knn_bank, config.seed + 1),
+        None if queries is None else _subset(queries, settings.knn_queries, config.seed + 2),
+    )
+
+
+def _subset(source, n: int, seed: int):
+    """A fixed random subset of ``n`` images (0: the whole source)."""
+    return source.subset(n, seed) if 0 < n < len(source) else source
+
+
+def pretraining_dataloaders(sources: Sources, settings: TrainSettings, config, accelerator):
+    """fastai DataLoaders of multi-crop batches, this process's shard of every epoch."""
+    from .pipelines import MultiCropConfig, crop_dataloaders, pretrain_loader
+
+    crops = MultiCropConfig(
+        global_crops=config.global_crops, global_size=settings.global_size, local_crops=settings.local_crops,
+        local_size=settings.local_size, global_scale=settings.global_scale, local_scale=settings.local_scale,
+        blur_sigma=settings.blur_sigma,
+    )
+    try:
+        train_dl = pretrain_loader(
+            sources.train, crops, batch_size=config.batch_size, backend=settings.backend, device=accelerator.device,
+            shard_id=accelerator.process_index, num_shards=accelerator.num_processes, seed=config.seed,
+            workers=settings.workers, strict=settings.strict_data,
+        )
+    except ValueError as error:  # e.g. fewer images than one global batch
+        raise SettingsError(str(error)) from None
+    return crop_dataloaders(train_dl, device=accelerator.device)
+
+
+def run_callbacks(settings: TrainSettings, config, sources: Sources, accelerator) -> list:
+    """What a run adds to the method's Learner: metrics.jsonl and TensorBoard, checkpoints
+    (and, with ``--resume``, the restore of everything at the start of ``fit``), the k-NN
+    monitor and the time budget."""
+    from .callbacks import Checkpointer, KNNMonitor, MetricsLogger, TimeBudget
+    from .pipelines import eval_loader
+
+    out = Path(settings.out)
+    run_settings = {**dataclasses.asdict(settings), **config.to_dict()}
+    try:
+        checkpointer = Checkpointer(out, run_settings, every=settings.checkpoint_every, resume=settings.resume)
+    except (FileNotFoundError, ValueError) as error:
+        raise SettingsError(f"--resume: {error}") from None
+    callbacks = [MetricsLogger(out), checkpointer]
+    if sources.queries is not None and (settings.knn_every > 0 or settings.knn_random_init):
+        eval_kw = dict(size=settings.eval_size, resize=settings.eval_resize, batch_size=256, backend=settings.backend,
+                       device=accelerator.device, workers=settings.workers)
+        callbacks.append(KNNMonitor(eval_loader(sources.bank, **eval_kw), eval_loader(sources.queries, **eval_kw),
+                                    every=settings.knn_every or settings.epochs))
+    if settings.minutes:
+        callbacks.append(TimeBudget(settings.minutes))
+    return callbacks
+
+
+def knn_baselines(learn, settings: TrainSettings) -> dict:
+    """With ``--knn-random-init``: the k-NN top-1 of the teacher at initialisation and of the
+    raw pixels, on the monitor's bank and queries (same k and T).
+
+    Measured before the first step and kept in ``out/baselines.json``, from which a resumed
+    run reads them back. Every process calls it; the main one evaluates while the others
+    wait; the others get ``{}``.
+    """
+    knn = getattr(learn, "knn_monitor", None)
+    if knn is None or not settings.knn_random_init:
+        return {}
+    file = Path(settings.out) / "baselines.json"
+    if settings.resume:
+        return json.loads(file.read_text()) if file.exists() and learn.accelerator.is_main_process else {}
+    result = knn.evaluate_on_main()
+    if result is None:
+        return {}
+    from .eval.pixels import raw_pixel_knn
+
+    pixels = raw_pixel_knn(knn.train_dl, knn.valid_dl, k=knn.k, temperature=knn.temperature)
+    baselines = {"knn_top1_random_init": result[0], "knn_top1_raw_pixels": pixels.top1}
+    file.write_text(json.dumps(baselines) + "\n")
+    return baselines
+
+
+def finish(learn, settings: TrainSettings, config, baselines: dict, export: Callable) -> dict:
+    """After ``fit``: the final k-NN where the fit ended before its scheduled one (a budget),
+    the teacher's backbone exported (round-trip checked), ``summary.json``, the last line of
+    ``metrics.jsonl`` with the k-NN numbers side by side, and a printed table. Every process
+    calls it; returns the summary (on the main process)."""
+    knn = getattr(learn, "knn_monitor", None)
+    if knn is not None and knn.evaluated_epoch != learn.epoch:
+        result = knn.evaluate_on_main()  # every rank decides alike; the others wait for the main one
+        if result is not None:
+            learn.knn_top1 = result[0]
+    accelerator, out = learn.accelerator, Path(settings.out)
+    summary = {"out": str(out)}
+    if accelerator.is_main_process:
+        summary["epochs_run"] = learn.epoch + 1
+        summary["stopped_early"] = getattr(learn, "stopped_early", False)
+        if knn is not None:
+            summary["knn_top1"] = learn.knn_top1
+        summary.update(baselines)
+        summary["backbone"] = str(export(learn.model, out / "backbone_teacher.pth", arch=config.arch))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if baselines and knn is not None:
+            knn_numbers = {k: v for k, v in summary.items() if k.startswith("knn_top1")}
+            with (out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps({"epoch": learn.epoch, "final": True, **knn_numbers}) + "\n")
+            _print_comparison(summary, knn)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _print_comparison(summary: dict, knn) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"k-NN top-1 on the test set (k = {knn.k}, T = {knn.temperature})")
+    table.add_column("features")
+    table.add_column("k-NN top-1 %", justify="right")
+    table.add_row("raw pixels", f"{summary['knn_top1_raw_pixels']:.2f}")
+    table.add_row("teacher at random initialisation", f"{summary['knn_top1_random_init']:.2f}")
+    table.add_row(f"trained teacher ({summary['epochs_run']} epochs)", f"{summary['knn_top1']:.2f}")
+    Console().print(table)
+

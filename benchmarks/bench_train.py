@@ -262,6 +262,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         arch=args.arch, n_prototypes=args.prototypes, block_size=args.block_size, global_crops=args.global_crops,
         hidden_dim=args.hidden_dim, embed_dim=args.embed_dim, batch_size=args.batch_size, global_batch=args.batch_size,
         precision=precision, channels_last=channels_last, seed=args.seed, log_every=args.log_every, sync_bn=False,
+        final_lr=0.0,  # any end: the schedule's values do not change the cost of a step
     )
     crops = synthetic_crops(args.batch_size, args.global_crops, args.global_size, args.local_crops,
                             args.local_size, device, seed=args.seed)

@@ -41,7 +41,8 @@ def main():
     for name, (precision, channels_last) in SETTINGS.items():
         config = CARPConfig(arch="resnet10_tiny", n_prototypes=1024, block_size=64, hidden_dim=512, embed_dim=128,
                             optimizer="adamw", batch_size=args.batch_size, global_batch=args.batch_size,
-                            precision=precision, channels_last=channels_last, sync_bn=False, log_every=10)
+                            precision=precision, channels_last=channels_last, sync_bn=False, log_every=10,
+                            base_lr=2e-3, final_lr=2e-5)
         _, steps[name] = learner_step(config, crops, args.steps, warmup=1)
         steps[name]()  # warm-up: the Learner's set-up
 

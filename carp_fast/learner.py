@@ -24,6 +24,7 @@ from fastai.torch_core import trainable_params
 from .accelerator import check_accelerator, make_accelerator
 from .callbacks.accumulation import GradientAccumulation
 from .callbacks.carp_stats import CARPStats
+from .callbacks.channels_last import ChannelsLastInputs
 from .callbacks.data_wait import DataWait
 from .callbacks.epoch_sync import EpochSync
 from .callbacks.precision import PRECISIONS, auto_channels_last, auto_precision, precision_callbacks
@@ -85,7 +86,7 @@ class CARPConfig:
             (self.n_prototypes >= 1, "n_prototypes must be >= 1"),
             (1 <= self.block_size <= self.n_prototypes, f"block_size must be in [1, n_prototypes={self.n_prototypes}]"),
             (self.base_lr > 0, "base_lr must be > 0"),
-            (0 <= self.final_lr, "final_lr must be >= 0"),
+            (0 <= self.final_lr <= self.peak_lr(), f"final_lr must be in [0, the peak lr base_lr x global_batch / 256 = {self.peak_lr():.3g}] (it is absolute: set --final-lr with a small --base-lr)"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (self.batch_size >= 1 and self.global_batch >= 1, "batch_size and global_batch must be >= 1"),
             (0 <= self.teacher_momentum <= 1, "teacher_momentum must be in [0, 1]"),
@@ -251,16 +252,8 @@ def build_learner(
         cbs=callbacks + list(cbs or []), path=path, default_cbs=False,
     )
     if channels_last:
-        learn.add_cb(_ChannelsLastInputs())
+        learn.add_cb(ChannelsLastInputs())
     learn.logger = lambda *args: None  # RichProgress prints the epoch lines instead
     learn.carp_config, learn.accelerator = config, accelerator
     return learn
 
-
-class _ChannelsLastInputs(Callback):
-    """Converts the crops to channels_last before the forward pass (matches the model)."""
-
-    order = -4
-
-    def before_batch(self):
-        self.learn.xb = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in self.learn.xb)

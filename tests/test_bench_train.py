@@ -54,7 +54,7 @@ def test_step_timer_counts_only_the_timed_batches():
 
     crops = bench_train.synthetic_crops(2, 2, 16, 0, 8, torch.device("cpu"))
     config = CARPConfig(arch="resnet10_tiny", n_prototypes=64, block_size=16, hidden_dim=32, embed_dim=16,
-                        batch_size=2, global_batch=2, precision="fp32", sync_bn=False)
+                        batch_size=2, global_batch=2, precision="fp32", sync_bn=False, final_lr=0.0)
     learn, step = bench_train.learner_step(config, crops, steps=3, warmup=2)
     learn.add_cb(Sleep())
     seconds = step()

@@ -43,3 +43,31 @@ def test_export_check_still_catches_other_weights(exported):
     other = build_backbone("resnet10_tiny")
     with pytest.raises(RuntimeError, match="does not reproduce"):
         check_export(path, "resnet10_tiny", reference=TF32Backbone(other))
+
+
+def test_one_call_exports_for_torchvision_timm_and_safetensors(tmp_path):
+    """A ResNet-50 teacher exported once loads into torchvision, timm and safetensors, each
+    giving the teacher's own features (computed here from the live module)."""
+    import timm
+    import torchvision
+    from safetensors.torch import load_file
+
+    from carp_fast.export import export_backbone
+    from carp_fast.networks import StudentTeacher
+
+    torch.manual_seed(0)
+    model = StudentTeacher("resnet50", n_prototypes=32, block_size=8, hidden_dim=16, embed_dim=8)
+    for p in model.teacher.backbone.parameters():  # not the initial weights: zero_init_residual hides key mix-ups
+        p.data.normal_(0, 0.05)
+    path = export_backbone(model, tmp_path / "backbone_teacher.pth", arch="resnet50")
+    x = torch.randn(2, 3, 64, 64)
+    model.teacher.backbone.eval()
+    with torch.no_grad():
+        expected = model.teacher.backbone(x)
+        tv = torchvision.models.resnet50()
+        tv.load_state_dict(torch.load(path, weights_only=True), strict=False)
+        tv.fc = torch.nn.Identity()
+        tm = timm.create_model("resnet50", pretrained=False, num_classes=0)
+        tm.load_state_dict(load_file(str(tmp_path / "backbone_teacher.safetensors")))  # strict
+        torch.testing.assert_close(tv.eval()(x), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(tm.eval()(x), expected, rtol=1e-4, atol=1e-5)

@@ -36,6 +36,8 @@ def test_first_and_last_step_lr_follow_the_official_schedule_with_accumulation(t
     assert lines[0]["lr_last_step"] == pytest.approx(official_cosine(peak, 0.004, 1, 4))
     assert lines[-1]["lr_first_step"] == pytest.approx(official_cosine(peak, 0.004, 2, 4))
     assert lines[-1]["lr_last_step"] == pytest.approx(official_cosine(peak, 0.004, 3, 4))
+    # "step" counts optimizer steps, as a reader of a run with accumulation expects.
+    assert [(r["step"], r["micro_batch"]) for r in lines] == [(2, 4), (4, 8)]
 
 
 def test_weight_decay_schedule_ends_at_an_absolute_value(tiny_dls, tiny_config):

@@ -62,6 +62,7 @@ def test_learning_rate_scaling_and_cosine_decay(tiny_dls, tiny_config):
         (dict(optimizer="sgd"), "optimizer"),
         (dict(precision="fp8"), "precision"),
         (dict(teacher_momentum=1.5), "teacher_momentum"),
+        (dict(optimizer="adamw", base_lr=1e-3, global_batch=256), "final_lr"),  # 0.006 above a 1e-3 peak
     ],
 )
 def test_config_rejects_bad_settings(kwargs, match):

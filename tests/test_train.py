@@ -160,7 +160,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_
                 self.learn.pred = self.learn.pred._replace(student=self.learn.pred.student * float("nan"))
 
     learn = carp_learner(tiny_dls, tiny_config, cbs=[Checkpointer(tmp_path, {}), PoisonStep()], progress=False)
-    with pytest.raises(NonFiniteLossError, match="step 7 \\(epoch 1\\)"):
+    with pytest.raises(NonFiniteLossError, match="optimizer step 7 \\(micro-batch 7\\) \\(epoch 1\\)"):
         learn.fit(3)
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=False)["epoch"] == 1
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
-from fastai.callback.core import Callback, CancelBatchException
+from fastai.callback.core import Callback, CancelBatchException, TrainEvalCallback
 
 
 class GradientAccumulation(Callback):
@@ -17,7 +17,9 @@ class GradientAccumulation(Callback):
     ``zero_grad``.
     """
 
-    order, run_valid = -5, False
+    # Right after fastai's counters (TrainEvalCallback), before every callback that must know
+    # whether this micro-batch ends in a step (precision, schedules, teacher).
+    order, run_valid = TrainEvalCallback.order + 5, False
 
     def __init__(self, n_steps: int = 1):
         if n_steps < 1:
@@ -53,3 +55,11 @@ class GradientAccumulation(Callback):
         self.count += 1
         if self.count % self.n_steps != 0:
             raise CancelBatchException()
+
+
+def optimizer_steps(learn) -> int:
+    """Optimizer steps taken so far: ``learn.train_iter`` counts micro-batches, and with
+    :class:`GradientAccumulation` over n of them a step is every n-th. What "step" means
+    wherever a user reads it (logs, metrics, errors, progress)."""
+    accumulation = getattr(learn, "gradient_accumulation", None)
+    return learn.train_iter // (accumulation.n_steps if accumulation is not None else 1)

@@ -9,6 +9,7 @@ import torch
 from fastai.callback.core import Callback
 
 from ..distributed import any_process
+from .accumulation import optimizer_steps
 from .teacher_ema import TeacherEMA
 
 
@@ -49,6 +50,13 @@ def assignment_stats(student, teacher, partition, n_prototypes: int) -> torch.Te
     perplexity = torch.exp(-torch.special.xlogy(p, p).sum())
     hit = (counts > 0).sum().float()
     return torch.stack([agreement, hit, perplexity])
+
+
+def _step_of(learn, micro_batch: int) -> str:
+    """'optimizer step S (micro-batch M)' for the M-th micro-batch of the run (1-based)."""
+    accumulation = getattr(learn, "gradient_accumulation", None)
+    n = accumulation.n_steps if accumulation is not None else 1
+    return f"optimizer step {-(-micro_batch // n)} (micro-batch {micro_batch})"
 
 
 class CARPStats(Callback):
@@ -98,7 +106,7 @@ class CARPStats(Callback):
             n = sum(r["batches"] for r in records)
             summary = {k: sum(r[k] * r["batches"] for r in records) / n for k in ("loss", "consistency", "entropy", "agreement")}
             last = records[-1]
-            summary.update({k: last[k] for k in ("step", "lr", "momentum", "prototypes_hit", "perplexity")})
+            summary.update({k: last[k] for k in ("step", "micro_batch", "lr", "momentum", "prototypes_hit", "perplexity")})
             self.learn.carp_epoch = summary
 
     def _log(self):
@@ -113,16 +121,17 @@ class CARPStats(Callback):
         # Every rank stops together, at the same logging step, when any rank's loss is bad.
         if any_process(bool(bad)) and not bad:
             raise NonFiniteLossError(
-                f"the CARP loss became non-finite on another process by step {self.learn.train_iter} "
-                f"(epoch {self.learn.epoch}); training stopped on every process"
+                f"the CARP loss became non-finite on another process by optimizer step {optimizer_steps(self.learn)} "
+                f"(micro-batch {self.learn.train_iter}, epoch {self.learn.epoch}); training stopped on every process"
             )
         if bad:
             raise NonFiniteLossError(
-                f"the CARP loss is {totals[bad[0]]} at step {first_step + bad[0]} (epoch {self.learn.epoch}); "
+                f"the CARP loss is {totals[bad[0]]} at {_step_of(self.learn, first_step + bad[0])} (epoch {self.learn.epoch}); "
                 "training stopped, the last checkpoint is the last good state. Lower the learning rate, "
                 "use bf16 instead of fp16, or check the data."
             )
-        record = dict(epoch=self.learn.epoch, step=self.learn.train_iter, batches=len(totals), **dict(zip(self.KEYS, values[:6])))
+        record = dict(epoch=self.learn.epoch, step=optimizer_steps(self.learn), micro_batch=self.learn.train_iter,
+                      batches=len(totals), **dict(zip(self.KEYS, values[:6])))
         record["lr"] = self.learn.opt.hypers[-1]["lr"]
         record["momentum"] = getattr(self.learn, "teacher_momentum", float("nan"))
         self.history.append(record)

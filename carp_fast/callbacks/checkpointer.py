@@ -7,6 +7,7 @@ from pathlib import Path
 from fastai.callback.core import Callback
 
 from .metrics_logger import MetricsLogger
+from .stand_aside import stands_aside
 
 
 class Checkpointer(Callback):
@@ -41,7 +42,8 @@ class Checkpointer(Callback):
 
     def before_fit(self):
         "Resume (once): put the saved state back."
-        if self.resume_state is None:
+        self.run = not stands_aside(self.learn)
+        if self.resume_state is None or not self.run:
             return
         from accelerate.state import PartialState
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, TrainEvalCallback
 
 
 class _TimedIterator:
@@ -42,7 +42,7 @@ class DataWait(Callback):
     device, so a step's time is the host's, which waits on the device at its syncs.
     """
 
-    order, run_valid = -20, False
+    order, run_valid = TrainEvalCallback.order - 10, False  # wrap the loader before anything else runs
 
     def before_train(self):
         "Wrap the epoch's loader and start the clock."

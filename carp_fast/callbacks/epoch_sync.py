@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, TrainEvalCallback
 
 
 class EpochSync(Callback):
@@ -13,7 +13,7 @@ class EpochSync(Callback):
     resumed epochs would replay the shuffles of epochs 0, 1, ... .
     """
 
-    order, run_valid = -9, False
+    order, run_valid = TrainEvalCallback.order + 1, False  # once fastai has set the epoch
 
     def before_train(self):
         "Select the epoch's order (and augmentation seeds) in the loader."

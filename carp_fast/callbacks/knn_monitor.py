@@ -8,7 +8,9 @@ from datetime import timedelta
 import torch.distributed as dist
 from fastai.callback.core import Callback
 
+from .accumulation import optimizer_steps
 from .carp_stats import CARPStats
+from .stand_aside import stands_aside
 
 
 class KNNMonitor(Callback):
@@ -46,6 +48,7 @@ class KNNMonitor(Callback):
     def before_fit(self):
         "Start a fresh history."
         self.history, self.evaluated_epoch = [], None
+        self.run = not stands_aside(self.learn)
 
     def after_epoch(self):
         "Evaluate on schedule, on the main process; the others wait for it."
@@ -56,7 +59,7 @@ class KNNMonitor(Callback):
         self.evaluated_epoch = self.learn.epoch  # on every rank, so a caller can decide alike
         if result is not None:
             self.learn.knn_top1 = result[0]
-            self.history.append(dict(epoch=self.learn.epoch, step=self.learn.train_iter, knn_top1=result[0], knn_top5=result[1]))
+            self.history.append(dict(epoch=self.learn.epoch, step=optimizer_steps(self.learn), knn_top1=result[0], knn_top5=result[1]))
 
     def evaluate_on_main(self) -> tuple[float, float] | None:
         """:meth:`evaluate` on the main process (``None`` elsewhere); call it on every process.

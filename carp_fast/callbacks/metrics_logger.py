@@ -8,11 +8,15 @@ from pathlib import Path
 
 from fastai.callback.core import Callback
 
+from .accumulation import optimizer_steps
+from .progress import RichProgress
+from .stand_aside import stands_aside
+
 
 class MetricsLogger(Callback):
     """Writes one line per epoch to ``out/metrics.jsonl`` and curves to TensorBoard.
 
-    Each line holds epoch, step, loss, consistency, entropy, agreement, lr, momentum,
+    Each line holds epoch, step (optimizer steps so far), micro_batch (micro-batches so far), loss, consistency, entropy, agreement, lr, momentum,
     prototypes_hit, perplexity, images_per_s, data_wait (the share of the epoch spent waiting
     for batches, from :class:`~carp_fast.callbacks.DataWait`), seconds, ``lr_first_step`` and
     ``lr_last_step`` (the learning rate of the epoch's first and last optimizer step: the
@@ -28,7 +32,7 @@ class MetricsLogger(Callback):
         tensorboard: also write TensorBoard events to ``out/tensorboard``.
     """
 
-    order, run_valid = 70, False  # after KNNMonitor, the Recorder and RichProgress
+    order, run_valid = RichProgress.order + 5, False  # after KNNMonitor, the Recorder and RichProgress (images/s)
 
     def __init__(self, out, tensorboard: bool = True):
         self.file, self.tensorboard = Path(out) / "metrics.jsonl", tensorboard
@@ -38,6 +42,7 @@ class MetricsLogger(Callback):
         from accelerate.state import PartialState
 
         self.enabled, self.writer, self._opened = PartialState().is_main_process, None, False
+        self.run = not stands_aside(self.learn)
 
     def before_train(self):
         "Open the outputs (main process only, once per fit)."
@@ -54,7 +59,7 @@ class MetricsLogger(Callback):
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events a killed run wrote after its last checkpoint.
-            self.writer = SummaryWriter(str(self.file.parent / "tensorboard"), purge_step=self.learn.train_iter or None)
+            self.writer = SummaryWriter(str(self.file.parent / "tensorboard"), purge_step=optimizer_steps(self.learn) or None)
         self._start = time.perf_counter()
 
     def before_epoch(self):
@@ -84,12 +89,12 @@ class MetricsLogger(Callback):
             stats = getattr(self.learn, "carp_stats", None)
             for r in (stats.history[self._logged:] if stats is not None else []):
                 for k, v in r.items():
-                    if k not in ("epoch", "step", "batches"):
+                    if k not in ("epoch", "step", "micro_batch", "batches"):
                         self.writer.add_scalar(f"train/{k}", v, r["step"])
             self._logged = len(stats.history) if stats is not None else 0
             for k in ("images_per_s", "knn_top1", "knn_top5"):
                 if record.get(k) is not None:
-                    self.writer.add_scalar(f"epoch/{k}", record[k], record.get("step", self.learn.train_iter))
+                    self.writer.add_scalar(f"epoch/{k}", record[k], record.get("step", optimizer_steps(self.learn)))
             self.writer.flush()
 
     def after_fit(self):

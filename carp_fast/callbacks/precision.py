@@ -23,7 +23,7 @@ class Autocast(Callback):
     read from the model's parameters at the start of the fit.
     """
 
-    order, run_valid = 10, True
+    order, run_valid = MixedPrecision.order, True  # where fastai's own mixed precision runs
 
     def __init__(self, dtype: torch.dtype = torch.bfloat16):
         self.dtype, self._context = dtype, None

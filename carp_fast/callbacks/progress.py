@@ -6,6 +6,9 @@ import sys
 import time
 
 from fastai.callback.core import Callback
+from fastai.learner import Recorder
+
+from .accumulation import optimizer_steps
 
 
 class RichProgress(Callback):
@@ -24,7 +27,7 @@ class RichProgress(Callback):
         print_every_s: without a bar, seconds between progress lines within an epoch.
     """
 
-    order, run_valid = 65, False
+    order, run_valid = Recorder.order + 15, False  # after the Recorder and the statistics it displays
 
     def __init__(self, images_per_batch: int, live: bool | None = None, show: bool = True, print_every_s: float = 120.0):
         self.images_per_batch, self.live, self.show, self.print_every_s = images_per_batch, live, show, print_every_s
@@ -40,7 +43,7 @@ class RichProgress(Callback):
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._progress = Progress(
-                TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+                TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("batch {task.completed}/{task.total}"),
                 TextColumn("{task.fields[speed]}"), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
             )
             total = len(self.learn.dls.train) * self.learn.n_epoch
@@ -75,7 +78,7 @@ class RichProgress(Callback):
         steps = self.learn.train_iter - self._epoch_step0
         self.learn.images_per_s = steps * self.images_per_batch / max(seconds, 1e-9)
         if self.enabled and self._progress is None:
-            print(f"epoch {self.learn.epoch + 1}/{self.learn.n_epoch}  step {self.learn.train_iter}  "
+            print(f"epoch {self.learn.epoch + 1}/{self.learn.n_epoch}  step {optimizer_steps(self.learn)}  "
                   f"{self.learn.images_per_s:,.0f} img/s  {self._data_wait('data_wait')}{seconds:.0f}s  {self._stats()}", flush=True)
 
     def after_fit(self):

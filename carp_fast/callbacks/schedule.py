@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from fastai.callback.schedule import ParamScheduler
 
+from .stand_aside import stands_aside
+
 
 class OptimizerStepScheduler(ParamScheduler):
     """fastai's :class:`~fastai.callback.schedule.ParamScheduler`, advanced per optimizer step.
@@ -15,8 +17,15 @@ class OptimizerStepScheduler(ParamScheduler):
     the fit): the official ``cosine_scheduler`` array indexed by iteration. Without
     accumulation it equals fastai's.
 
-    Reads the accumulation from ``learn.gradient_accumulation.n_steps`` (1 if absent).
+    Reads the accumulation from ``learn.gradient_accumulation.n_steps`` (1 if absent). Stands
+    aside under ``learn.lr_find()``, whose own schedule sweeps the learning rate.
     """
+
+    def before_fit(self):
+        "Stand aside under lr_find; otherwise as fastai's."
+        self.run = not stands_aside(self.learn)
+        if self.run:
+            super().before_fit()
 
     def before_batch(self):
         "Set every scheduled hyper-parameter for the current optimizer step."

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.schedule import sched_cos
 
 
@@ -38,7 +39,7 @@ class TeacherEMA(Callback):
         student, teacher: attribute names of the two networks on ``learn.model``.
     """
 
-    order, run_valid = 10, False
+    order, run_valid = MixedPrecision.order, False  # after_step: the optimizer (and GradScaler) step is done
 
     def __init__(self, base: float = 0.99, student: str = "student", teacher: str = "teacher"):
         if not 0.0 <= base <= 1.0:
@@ -58,7 +59,7 @@ class TeacherEMA(Callback):
     def after_step(self):
         "Move the teacher towards the student."
         momentum = teacher_momentum(self.base, self.learn.pct_train)
-        # The teacher's parameters are tied to the student's live tensors; `.data` would
-        # make them leaves of no graph, which they already are (requires_grad=False).
+        # The teacher is a copy of the student (its own tensors, requires_grad=False), updated
+        # in place by one fused kernel; no `.data` juggling and no new tensors per step.
         ema_update(self.teacher_params, self.student_params, momentum)
         self.learn.teacher_momentum = momentum

@@ -8,6 +8,7 @@ from fastai.callback.core import Callback, CancelFitException
 
 from ..distributed import main_process_decides
 from .checkpointer import Checkpointer
+from .stand_aside import stands_aside
 
 
 class TimeBudget(Callback):
@@ -31,6 +32,7 @@ class TimeBudget(Callback):
     def before_fit(self):
         "Start the clock."
         self.start, self.longest, self.learn.stopped_early = time.perf_counter(), 0.0, False
+        self.run = not stands_aside(self.learn)
 
     def before_epoch(self):
         self.epoch_start = time.perf_counter()

@@ -3,7 +3,7 @@
 Three layouts are recognised (the usual source of "key mismatch" reports when loading
 self-supervised weights into torchvision, DESIGN.md section 6):
 
-1. this project's checkpoints: ``{"model": StudentTeacher.state_dict(), "config": {...}}``
+1. this project's checkpoints: ``{"model": StudentTeacher.state_dict(), "settings": {...}, ...}``
    (``learn.save`` adds ``"opt"``), keys ``student.backbone.*`` / ``teacher.backbone.*``;
 2. the paper's official code (the released checkpoints): ``{"student": sd, "teacher": sd,
    "optimizer", "epoch", "args", "fp16_scaler"}`` where each state dict comes from a

@@ -2,7 +2,7 @@
 
 Examples::
 
-    carp-fast eval knn --checkpoint runs/fmnist/model.pth --data fashion-mnist
+    carp-fast eval knn --checkpoint runs/fashion_mnist/checkpoint.pth --data fashion-mnist
     carp-fast eval kmeans --checkpoint released.pth --data /data/imagenet --subset-file 10percent.txt
     carp-fast eval linear --checkpoint released.pth --data /data/imagenet
     carp-fast eval fewshot --checkpoint released.pth --data /data/inat2018-folders

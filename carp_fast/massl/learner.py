@@ -77,7 +77,7 @@ class MaSSLConfig:
             (1 <= self.block_size <= self.memory_size, f"block_size must be in [1, memory_size={self.memory_size}]"),
             (self.global_crops >= 2, "global_crops must be >= 2 (the second global crop is written to the memory)"),
             (self.student_temperature > 0 and self.teacher_temperature > 0 and self.warmup_teacher_temperature > 0, "temperatures must be > 0"),
-            (self.base_lr > 0 and self.final_lr >= 0, "base_lr must be > 0 and final_lr >= 0"),
+            (self.base_lr > 0 and 0 <= self.final_lr <= self.peak_lr(), "base_lr must be > 0 and final_lr in [0, the peak lr base_lr x global_batch / 256]"),
             (self.warmup_epochs >= 0 and self.teacher_temperature_epochs >= 0, "warm-up epochs must be >= 0"),
             (self.weight_decay >= 0 and self.final_weight_decay >= 0, "weight decays must be >= 0"),
             (self.clip_grad >= 0, "clip_grad must be >= 0"),

@@ -8,7 +8,8 @@ import warnings
 import torch
 from fastai.callback.core import Callback
 
-from ..callbacks.carp_stats import CollapseWarning, NonFiniteLossError, assignment_stats
+from ..callbacks.accumulation import optimizer_steps
+from ..callbacks.carp_stats import CollapseWarning, NonFiniteLossError, _step_of, assignment_stats
 from ..callbacks.teacher_ema import TeacherEMA
 
 
@@ -60,7 +61,7 @@ class MaSSLStats(Callback):
         if records:
             n = sum(r["batches"] for r in records)
             summary = {k: sum(r[k] * r["batches"] for r in records) / n for k in ("loss", "agreement")}
-            summary.update({k: records[-1][k] for k in ("step", "lr", "momentum", "teacher_temperature", "slots_hit", "perplexity", "entropy")})
+            summary.update({k: records[-1][k] for k in ("step", "micro_batch", "lr", "momentum", "teacher_temperature", "slots_hit", "perplexity", "entropy")})
             self.learn.carp_epoch = summary
 
     def _log(self):
@@ -74,12 +75,12 @@ class MaSSLStats(Callback):
         bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
         if bad:
             raise NonFiniteLossError(
-                f"the MaSSL loss is {losses[bad[0]]} at step {first_step + bad[0]} (epoch {self.learn.epoch}); "
+                f"the MaSSL loss is {losses[bad[0]]} at {_step_of(self.learn, first_step + bad[0])} (epoch {self.learn.epoch}); "
                 "training stopped, the last checkpoint is the last good state. Lower the learning rate or "
                 "the teacher temperature, use bf16 instead of fp16, or check the data."
             )
         record = dict(
-            epoch=self.learn.epoch, step=self.learn.train_iter, batches=len(losses), loss=sum(losses) / len(losses),
+            epoch=self.learn.epoch, step=optimizer_steps(self.learn), micro_batch=self.learn.train_iter, batches=len(losses), loss=sum(losses) / len(losses),
             agreement=values[0], slots_hit=values[1], perplexity=values[2], entropy=0.0,
             lr=self.learn.opt.hypers[0]["lr"], momentum=getattr(self.learn, "teacher_momentum", float("nan")),
             teacher_temperature=getattr(self.learn, "teacher_temperature", float("nan")),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from fastai.callback.core import Callback
 
+from ..callbacks.teacher_ema import TeacherEMA
+
 
 def teacher_temperature(epoch: float, start: float = 0.04, end: float = 0.07, warmup_epochs: float = 30) -> float:
     """tau_t at a (fractional) epoch: ``start`` -> ``end`` linearly over ``warmup_epochs``.
@@ -26,7 +28,7 @@ class TeacherTemperatureWarmup(Callback):
         start, end, warmup_epochs: see :func:`teacher_temperature`.
     """
 
-    order, run_valid = 0, False
+    order, run_valid = TeacherEMA.order - 10, False  # before_batch: before the forward and the loss
 
     def __init__(self, start: float = 0.04, end: float = 0.07, warmup_epochs: float = 30):
         if start <= 0 or end <= 0 or warmup_epochs < 0:

@@ -45,6 +45,20 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def check_block_logits(student_block_logits: Tensor, teacher_block_logits: Tensor) -> None:
+    """Raise ValueError unless both are ``[V, N, P, B]`` with the same N, P and B."""
+    if student_block_logits.dim() != 4 or teacher_block_logits.dim() != 4:
+        raise ValueError(
+            "block logits must be [V, N, P, B]; got student "
+            f"{tuple(student_block_logits.shape)} and teacher {tuple(teacher_block_logits.shape)}"
+        )
+    if student_block_logits.shape[1:] != teacher_block_logits.shape[1:]:
+        raise ValueError(
+            f"student [V_s, N, P, B] = {tuple(student_block_logits.shape)} and teacher "
+            f"{tuple(teacher_block_logits.shape)} differ beyond the view dimension"
+        )
+
+
 def random_partition(
     n_prototypes: int,
     block_size: int,
@@ -178,16 +192,7 @@ def carp_block_loss(
     Returns:
         :class:`CARPLossParts` of scalars.
     """
-    if student_block_logits.dim() != 4 or teacher_block_logits.dim() != 4:
-        raise ValueError(
-            "block logits must be [V, N, P, B]; got student "
-            f"{tuple(student_block_logits.shape)} and teacher {tuple(teacher_block_logits.shape)}"
-        )
-    if student_block_logits.shape[1:] != teacher_block_logits.shape[1:]:
-        raise ValueError(
-            f"student [V_s, N, P, B] = {tuple(student_block_logits.shape)} and teacher "
-            f"{tuple(teacher_block_logits.shape)} differ beyond the view dimension"
-        )
+    check_block_logits(student_block_logits, teacher_block_logits)
     n_student, n_teacher = student_block_logits.shape[0], teacher_block_logits.shape[0]
     if n_teacher > n_student:
         raise ValueError(f"teacher has {n_teacher} views but the student only {n_student}")

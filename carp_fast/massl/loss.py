@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..loss import check_block_logits
+
 STUDENT_TEMPERATURE = 0.1  # tau_s (paper and official default)
 
 
@@ -57,16 +59,7 @@ def massl_block_loss(
     Returns:
         the scalar loss.
     """
-    if student_block_logits.dim() != 4 or teacher_block_logits.dim() != 4:
-        raise ValueError(
-            "block logits must be [V, N, P, B]; got student "
-            f"{tuple(student_block_logits.shape)} and teacher {tuple(teacher_block_logits.shape)}"
-        )
-    if student_block_logits.shape[1:] != teacher_block_logits.shape[1:]:
-        raise ValueError(
-            f"student [V_s, N, P, B] = {tuple(student_block_logits.shape)} and teacher "
-            f"{tuple(teacher_block_logits.shape)} differ beyond the view dimension"
-        )
+    check_block_logits(student_block_logits, teacher_block_logits)
     n_student, n_teacher = student_block_logits.shape[0], teacher_block_logits.shape[0]
     n_pairs = n_student * n_teacher - min(n_student, n_teacher)
     if n_teacher > n_student or n_pairs == 0:

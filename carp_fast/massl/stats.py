@@ -9,6 +9,7 @@ import torch
 from fastai.callback.core import Callback
 
 from ..callbacks.accumulation import optimizer_steps
+from ..distributed import any_process
 from ..callbacks.carp_stats import CollapseWarning, NonFiniteLossError, _step_of, assignment_stats
 from ..callbacks.teacher_ema import TeacherEMA
 
@@ -73,6 +74,11 @@ class MaSSLStats(Callback):
         losses, first_step = values[3:], self.learn.train_iter - len(self._losses) + 1
         self._losses = []
         bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
+        if any_process(bool(bad)) and not bad:  # every rank stops at the same logging step
+            raise NonFiniteLossError(
+                f"the MaSSL loss became non-finite on another process by optimizer step {optimizer_steps(self.learn)} "
+                f"(epoch {self.learn.epoch}); training stopped on every process"
+            )
         if bad:
             raise NonFiniteLossError(
                 f"the MaSSL loss is {losses[bad[0]]} at {_step_of(self.learn, first_step + bad[0])} (epoch {self.learn.epoch}); "

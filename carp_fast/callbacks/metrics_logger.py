@@ -86,7 +86,7 @@ class MetricsLogger(Callback):
         with self.file.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
-            stats = getattr(self.learn, "carp_stats", None)
+            stats = getattr(self.learn, "carp_stats", None) or getattr(self.learn, "massl_stats", None)
             for r in (stats.history[self._logged:] if stats is not None else []):
                 for k, v in r.items():
                     if k not in ("epoch", "step", "micro_batch", "batches"):

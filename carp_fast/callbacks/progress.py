@@ -95,4 +95,5 @@ class RichProgress(Callback):
         log = getattr(self.learn, "carp_log", None)
         if not log:
             return ""
-        return f"loss {log['loss']:.4f}  entropy {log['entropy']:.4f}  momentum {log['momentum']:.5f}"
+        shown = {"loss": ".4f", "entropy": ".4f", "teacher_temperature": ".4f", "momentum": ".5f"}
+        return "  ".join(f"{k.replace('teacher_', 'tau_')} {log[k]:{fmt}}" for k, fmt in shown.items() if k in log)

@@ -10,7 +10,12 @@ self-supervised weights into torchvision, DESIGN.md section 6):
    DistributedDataParallel-wrapped network, keys ``module.backbone.*`` and
    ``module.head.mlp.*`` / ``module.head.last_layer.weight_g`` / ``weight_v``, and
    ``args`` is the run's ``argparse.Namespace`` (which the safe loader accepts);
-3. a plain torchvision ResNet state dict (an exported backbone), ``fc.*`` ignored.
+3. a plain torchvision ResNet or timm ViT state dict (an exported backbone), ``fc.*`` ignored;
+4. MaSSL checkpoints, this project's (``settings["arch"]`` a ViT or a ResNet) and the
+   official code's (``{"student", "teacher", "optimizer", "memory_bank", "epoch", "args",
+   "fp16_scaler"}``, the teacher's keys ``backbone.*`` unwrapped, the student's
+   ``module.backbone.*``; ``args.arch`` names the ViT). ViT features are the class token
+   after the final norm (timm's ``global_pool="token"``, the official ``norm(x)[:, 0]``).
 
 ``_orig_mod.`` (torch.compile) and leading ``module.`` (DDP) prefixes are removed first.
 The backbone is then loaded strictly: a missing or unexpected backbone key is an error.
@@ -26,9 +31,22 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from carp_fast.backbones import ARCHITECTURES, build_backbone
+from carp_fast.backbones import ARCHITECTURES as RESNETS
 
+VITS = ("vit_small", "vit_base")  # MaSSL's backbones (timm; imported only when used)
+ARCHITECTURES = RESNETS + VITS
 WHICH = ("teacher", "student")
+
+
+def build_backbone(arch: str) -> nn.Module:
+    """A fresh backbone of ``arch`` (ResNets: this project's; ViTs: MaSSL's timm ViT/16)."""
+    if arch in VITS:
+        from carp_fast.massl.networks import build_backbone as build_massl_backbone
+
+        return build_massl_backbone(arch)
+    from carp_fast.backbones import build_backbone as build_resnet
+
+    return build_resnet(arch)
 
 
 def read_checkpoint(path: str | os.PathLike, *, weights_only: bool = True, mmap: bool = False) -> Any:
@@ -104,12 +122,19 @@ def _not_a_checkpoint(path: str | os.PathLike) -> str:
 
 
 def checkpoint_arch(checkpoint: Any) -> str | None:
-    """The ``arch`` stored in this project's checkpoints (``config`` or ``settings``)."""
+    """The ``arch`` a checkpoint names: this project's ``settings`` (or ``config``), or the
+    official code's pickled ``args`` (``resnet50`` for CARP, ``vit_small`` / ``vit_base``
+    for MaSSL). None when it names none (a plain state dict)."""
     if isinstance(checkpoint, Mapping):
         for key in ("config", "settings"):
             config = checkpoint.get(key)
             if isinstance(config, Mapping) and isinstance(config.get("arch"), str):
                 return config["arch"]
+        args = checkpoint.get("args")
+        if isinstance(args, argparse.Namespace) and isinstance(getattr(args, "arch", None), str):
+            if args.arch in VITS and getattr(args, "patch_size", 16) != 16:
+                raise ValueError(f"the checkpoint's ViT has patch size {args.patch_size}; carp_fast evaluates ViT/16 only")
+            return args.arch
     return None
 
 
@@ -152,14 +177,36 @@ def backbone_state_dict(checkpoint: Any, which: str = "teacher") -> dict[str, to
                 f"checkpoint holds a {other} backbone but no {which} backbone; "
                 f"pass which={other!r}"
             )
-        if "conv1.weight" not in state:
+        if "conv1.weight" not in state and "cls_token" not in state:
             sample = sorted(state)[:5]
             raise ValueError(
                 "checkpoint has no backbone: expected keys '<student|teacher>.backbone.*', "
-                f"'backbone.*' or torchvision ResNet keys ('conv1.weight', ...), got {sample}"
+                f"'backbone.*', torchvision ResNet keys ('conv1.weight', ...) or timm ViT keys "
+                f"('cls_token', ...), got {sample}"
             )
-        backbone = state  # plain torchvision state dict
-    return {k: v for k, v in backbone.items() if not k.startswith("fc.")}
+        backbone = state  # plain torchvision / timm state dict
+    if "fc_norm.weight" in backbone:
+        raise ValueError("the checkpoint's ViT pools by the mean of its patch tokens (fc_norm); carp_fast evaluates the class token")
+    # masked_embed: the official MaSSL's masked-image-modelling token, not part of the features.
+    return {k: v for k, v in backbone.items() if not k.startswith(("fc.", "masked_embed"))}
+
+
+def infer_arch(checkpoint: Any, which: str = "teacher") -> str:
+    """The architecture a checkpoint was trained with: the one it names, else a ViT's by its
+    width, else ``"resnet50"`` (the official CARP code and torchvision exports)."""
+    stored = checkpoint_arch(checkpoint)
+    if stored is not None:
+        return stored
+    try:
+        return _vit_arch(backbone_state_dict(checkpoint, which)) or "resnet50"
+    except ValueError:
+        return "resnet50"
+
+
+def _vit_arch(state: Mapping[str, torch.Tensor]) -> str | None:
+    """vit_small or vit_base from a ViT state dict's width (384 / 768); None for a ResNet."""
+    width = state["cls_token"].shape[-1] if "cls_token" in state else None
+    return {384: "vit_small", 768: "vit_base"}.get(width)
 
 
 def load_backbone(
@@ -173,9 +220,9 @@ def load_backbone(
 
     Args:
         path: a checkpoint file, or an already loaded checkpoint dict.
-        arch: one of ``carp_fast.backbones.ARCHITECTURES``; None reads
-            ``config["arch"]`` from this project's checkpoints and falls back to
-            ``"resnet50"`` (the official code and torchvision exports).
+        arch: one of :data:`ARCHITECTURES` (the ResNets and MaSSL's ViTs); None reads it from
+            the checkpoint (this project's settings, the official ``args``, a ViT's width)
+            and falls back to ``"resnet50"`` (torchvision exports).
         which: ``"teacher"`` or ``"student"``.
 
     Returns:
@@ -186,14 +233,14 @@ def load_backbone(
             checkpoint's config; missing or unexpected backbone keys, or shape mismatches.
     """
     checkpoint = path if isinstance(path, Mapping) else read_checkpoint(path, weights_only=weights_only)
-    stored = checkpoint_arch(checkpoint)
+    state = backbone_state_dict(checkpoint, which)
+    stored = checkpoint_arch(checkpoint) or _vit_arch(state)
     if arch is None:
         arch = stored or "resnet50"
     elif stored is not None and stored != arch:
         raise ValueError(f"arch={arch!r} but the checkpoint was trained with arch={stored!r}")
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
-    state = backbone_state_dict(checkpoint, which)
     backbone = build_backbone(arch)
     try:
         result = backbone.load_state_dict(state, strict=False)

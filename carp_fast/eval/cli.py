@@ -351,13 +351,13 @@ def _extraction_settings(args: argparse.Namespace, **data_settings) -> dict[str,
 
 
 def _checkpoint_arch(path: str, trust: bool) -> str:
-    """``config["arch"]`` of this project's checkpoints, else ``"resnet50"``.
+    """The checkpoint's architecture (:func:`carp_fast.eval.checkpoints.infer_arch`).
 
     The file is memory-mapped: only the small config is read, not the weights.
     """
-    from .checkpoints import checkpoint_arch, read_checkpoint
+    from .checkpoints import infer_arch, read_checkpoint
 
-    return checkpoint_arch(read_checkpoint(path, weights_only=not trust, mmap=True)) or "resnet50"
+    return infer_arch(read_checkpoint(path, weights_only=not trust, mmap=True))
 
 
 def _features(args: argparse.Namespace, split: str, settings: dict, make_batches: Callable,

@@ -62,7 +62,7 @@ class MaSSLStats(Callback):
         if records:
             n = sum(r["batches"] for r in records)
             summary = {k: sum(r[k] * r["batches"] for r in records) / n for k in ("loss", "agreement")}
-            summary.update({k: records[-1][k] for k in ("step", "micro_batch", "lr", "momentum", "teacher_temperature", "slots_hit", "perplexity", "entropy")})
+            summary.update({k: records[-1][k] for k in ("step", "micro_batch", "lr", "momentum", "teacher_temperature", "slots_hit", "perplexity")})
             self.learn.carp_epoch = summary
 
     def _log(self):
@@ -87,7 +87,7 @@ class MaSSLStats(Callback):
             )
         record = dict(
             epoch=self.learn.epoch, step=optimizer_steps(self.learn), micro_batch=self.learn.train_iter, batches=len(losses), loss=sum(losses) / len(losses),
-            agreement=values[0], slots_hit=values[1], perplexity=values[2], entropy=0.0,
+            agreement=values[0], slots_hit=values[1], perplexity=values[2],
             lr=self.learn.opt.hypers[0]["lr"], momentum=getattr(self.learn, "teacher_momentum", float("nan")),
             teacher_temperature=getattr(self.learn, "teacher_temperature", float("nan")),
         )

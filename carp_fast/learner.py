@@ -179,7 +179,7 @@ def carp_learner(dls, config: CARPConfig, *, accelerator=None, cbs=None, path: s
 
     Returns:
         a :class:`CARPLearner`; ``learn.fit(epochs)`` trains. Besides fastai's own, its callbacks are
-        GradientAccumulation, the precision callback, ParamScheduler (lr and weight decay),
+        GradientAccumulation, the precision callback, OptimizerStepScheduler (lr and weight decay),
         TeacherEMA and CARPStats (``learn.carp_stats.history``).
     """
     lr = config.peak_lr()

@@ -40,6 +40,27 @@ def test_first_and_last_step_lr_follow_the_official_schedule_with_accumulation(t
     assert [(r["step"], r["micro_batch"]) for r in lines] == [(2, 4), (4, 8)]
 
 
+def test_teacher_momentum_follows_the_official_per_step_cosine_with_accumulation(tiny_dls, tiny_config):
+    from fastai.callback.core import Callback
+
+    class Momenta(Callback):
+        order = 100
+
+        def before_fit(self):
+            self.values = []
+
+        def after_step(self):
+            self.values.append(self.learn.teacher_momentum)
+
+    tiny_config.global_batch = 16  # 2 micro-batches per step: 2 epochs of 4 batches are 4 steps
+    spy = Momenta()
+    learn = carp_learner(tiny_dls, tiny_config, cbs=[spy], progress=False)
+    learn.fit(2)
+    base = tiny_config.teacher_momentum
+    expected = [1 - (1 - base) * (math.cos(math.pi * s / 4) + 1) / 2 for s in range(4)]  # official momentum_schedule[s]
+    assert spy.values == pytest.approx(expected)
+
+
 def test_weight_decay_schedule_ends_at_an_absolute_value(tiny_dls, tiny_config):
     tiny_config.optimizer, tiny_config.weight_decay, tiny_config.final_weight_decay = "adamw", 0.04, 0.4
     learn = carp_learner(tiny_dls, tiny_config, progress=False)

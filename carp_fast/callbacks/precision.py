@@ -56,8 +56,8 @@ class FP16MixedPrecision(MixedPrecision):
 
     fastai hardcodes ``autocast("cuda")`` and ``GradScaler("cuda")``, but torch runs both on
     the CPU too, so only the device changes here. The scaler is made once and kept across
-    fits (fastai makes a new one in ``before_fit``): a resumed run loads its state into
-    ``self.grad_scaler`` before the fit (:func:`carp_fast.checkpoint.restore_checkpoint`).
+    fits (fastai makes a new one in ``before_fit``), so the
+    :class:`~carp_fast.callbacks.Checkpointer` saves it and restores it into a resumed fit.
     """
 
     name = "mixed_precision"  # where fastai's own would be: ``learn.mixed_precision``

@@ -29,6 +29,14 @@ class OptimizerStepScheduler(ParamScheduler):
 
     def before_batch(self):
         "Set every scheduled hyper-parameter for the current optimizer step."
-        n_acc = getattr(getattr(self.learn, "gradient_accumulation", None), "n_steps", 1)
-        total_steps = max(1, (self.n_epoch * self.n_iter) // n_acc)
-        self._update_val(min(1.0, (self.train_iter // n_acc) / total_steps))
+        self._update_val(step_progress(self.learn))
+
+
+def step_progress(learn) -> float:
+    """``s / S`` during optimizer step ``s`` (0-based) of the fit's ``S``: the position in the
+    official per-iteration schedules (learning rate, weight decay, teacher momentum). Every
+    micro-batch of a step has the step's value; without accumulation it is fastai's
+    ``pct_train``. Reads ``learn.gradient_accumulation.n_steps`` (1 if absent)."""
+    n_acc = getattr(getattr(learn, "gradient_accumulation", None), "n_steps", 1)
+    total_steps = max(1, (learn.n_epoch * learn.n_iter) // n_acc)
+    return min(1.0, (learn.train_iter // n_acc) / total_steps)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
+
+from .schedule import step_progress
 from fastai.callback.schedule import sched_cos
 
 
@@ -31,7 +33,8 @@ class TeacherEMA(Callback):
     """Updates the teacher from the student after each optimizer step.
 
     The momentum follows :func:`teacher_momentum` over the fit's progress
-    (``learn.pct_train``, so a step of the last batch sits just below 1.0); the value of the
+    (:func:`~carp_fast.callbacks.schedule.step_progress`: step s of S at s / S, as the official
+    per-iteration schedule, so the last step sits just below 1.0); the value of the
     last update is kept in ``learn.teacher_momentum``.
 
     Args:
@@ -58,7 +61,7 @@ class TeacherEMA(Callback):
 
     def after_step(self):
         "Move the teacher towards the student."
-        momentum = teacher_momentum(self.base, self.learn.pct_train)
+        momentum = teacher_momentum(self.base, step_progress(self.learn))
         # The teacher is a copy of the student (its own tensors, requires_grad=False), updated
         # in place by one fused kernel; no `.data` juggling and no new tensors per step.
         ema_update(self.teacher_params, self.student_params, momentum)

@@ -65,8 +65,11 @@ class CARPStats(Callback):
     Loss terms stay on the device every batch; every ``every`` training batches (and at the
     end of each epoch) their means, the current batch's assignment statistics and the
     interval's losses reach the host in one transfer and are appended to ``self.history`` (a list of dicts)
-    and stored in ``learn.carp_log``. Expects ``learn.loss_func`` to be a
-    :class:`carp_fast.loss.CARPLoss` and ``learn.pred`` a :class:`carp_fast.networks.CARPOutput`.
+    and stored in ``learn.carp_log``; ``learn.carp_epoch`` sums up each epoch. Expects
+    ``learn.loss_func`` to be a :class:`carp_fast.loss.CARPLoss` and ``learn.pred`` a
+    :class:`carp_fast.networks.CARPOutput`. A method with other terms or assignment targets
+    subclasses it (:class:`carp_fast.massl.stats.MaSSLStats`) and overrides ``TERMS``,
+    ``HIT``, :meth:`batch_terms`, :meth:`n_targets` and :meth:`extra`.
 
     A NaN or infinite loss raises :class:`NonFiniteLossError` naming the first bad step
     (before any checkpoint of that epoch is written), on every process at the same logging
@@ -76,7 +79,10 @@ class CARPStats(Callback):
     """
 
     order, run_valid = TeacherEMA.order + 1, False
-    KEYS = ("loss", "consistency", "entropy", "agreement", "prototypes_hit", "perplexity")
+    METHOD = "CARP"
+    TERMS = ("loss", "consistency", "entropy")  # per batch; the first is the total loss
+    HIT = "prototypes_hit"  # distinct assignment targets the teacher's views land on
+    ADVICE = "the learning rate, the block size (smaller blocks are more stable) and the augmentations"
 
     def __init__(self, every: int = 50, collapse_fraction: float = 0.05):
         if every < 1:
@@ -84,56 +90,74 @@ class CARPStats(Callback):
         self.every, self.collapse_fraction = every, collapse_fraction
         self.history: list[dict] = []
 
+    @property
+    def KEYS(self) -> tuple[str, ...]:
+        return (*self.TERMS, "agreement", self.HIT, "perplexity")
+
+    def batch_terms(self) -> torch.Tensor | None:
+        """This batch's loss terms ``[len(TERMS)]`` on the device (None: no loss this batch)."""
+        parts = self.learn.loss_func.parts
+        return None if parts is None else torch.stack([parts.total, parts.consistency, parts.entropy]).float()
+
+    def n_targets(self) -> int:
+        """How many targets the assignments choose among (K prototypes)."""
+        return getattr(self.learn.model, "module", self.learn.model).student.prototypes.n_prototypes
+
+    def extra(self) -> dict:
+        """Method-specific values added to every record."""
+        return {}
+
     def before_fit(self):
         "Start a fresh history."
-        self.history, self._terms = [], []
+        self.history, self._pending = [], []
 
     def after_batch(self):
         "Keep the loss terms on the device; log every `every` batches."
-        parts = self.learn.loss_func.parts
-        if parts is None:
+        terms = self.batch_terms()
+        if terms is None:
             return
-        self._terms.append(torch.stack([parts.total, parts.consistency, parts.entropy]).float())  # [3]
+        self._pending.append(terms)
         if self.learn.train_iter % self.every == 0:
             self._log()
 
     def after_train(self):
         "Log what is left of the epoch; summarise the epoch in `learn.carp_epoch`."
-        if self._terms:
+        if self._pending:
             self._log()
         records = [r for r in self.history if r["epoch"] == self.learn.epoch]
         if records:
             n = sum(r["batches"] for r in records)
-            summary = {k: sum(r[k] * r["batches"] for r in records) / n for k in ("loss", "consistency", "entropy", "agreement")}
+            summary = {k: sum(r[k] * r["batches"] for r in records) / n for k in (*self.TERMS, "agreement")}
             last = records[-1]
-            summary.update({k: last[k] for k in ("step", "micro_batch", "lr", "momentum", "prototypes_hit", "perplexity")})
+            summary.update({k: last[k] for k in ("step", "micro_batch", "lr", "momentum", self.HIT, "perplexity", *self.extra())})
             self.learn.carp_epoch = summary
 
     def _log(self):
         pred = self.learn.pred
-        n_prototypes = getattr(self.learn.model, "module", self.learn.model).student.prototypes.n_prototypes
-        stats = assignment_stats(pred.student, pred.teacher, pred.partition, n_prototypes)
-        terms = torch.stack(self._terms)  # [n_batches, 3]
+        stats = assignment_stats(pred.student, pred.teacher, pred.partition, self.n_targets())
+        terms = torch.stack(self._pending)  # [n_batches, len(TERMS)]
         values = torch.cat([terms.mean(0), stats, terms[:, 0]]).tolist()  # the one host sync
-        totals, first_step = values[6:], self.learn.train_iter - len(self._terms) + 1
-        self._terms = []
+        n_keys = len(self.KEYS)
+        totals, first_step = values[n_keys:], self.learn.train_iter - len(self._pending) + 1
+        self._pending = []
         bad = [i for i, v in enumerate(totals) if not math.isfinite(v)]
         # Every rank stops together, at the same logging step, when any rank's loss is bad.
         if any_process(bool(bad)) and not bad:
             raise NonFiniteLossError(
-                f"the CARP loss became non-finite on another process by optimizer step {optimizer_steps(self.learn)} "
+                f"the {self.METHOD} loss became non-finite on another process by optimizer step {optimizer_steps(self.learn)} "
                 f"(micro-batch {self.learn.train_iter}, epoch {self.learn.epoch}); training stopped on every process"
             )
         if bad:
             raise NonFiniteLossError(
-                f"the CARP loss is {totals[bad[0]]} at {_step_of(self.learn, first_step + bad[0])} (epoch {self.learn.epoch}); "
+                f"the {self.METHOD} loss is {totals[bad[0]]} at {_step_of(self.learn, first_step + bad[0])} (epoch {self.learn.epoch}); "
                 "training stopped, the last checkpoint is the last good state. Lower the learning rate, "
                 "use bf16 instead of fp16, or check the data."
             )
         record = dict(epoch=self.learn.epoch, step=optimizer_steps(self.learn), micro_batch=self.learn.train_iter,
-                      batches=len(totals), **dict(zip(self.KEYS, values[:6])))
-        record["lr"] = self.learn.opt.hypers[-1]["lr"]
+                      batches=len(totals), **dict(zip(self.KEYS, values[:n_keys])))
+        record["lr"] = self.learn.opt.hypers[0]["lr"]
         record["momentum"] = getattr(self.learn, "teacher_momentum", float("nan"))
+        record.update(self.extra())
         self.history.append(record)
         self.learn.carp_log = record
         self._check_collapse(record, pred)
@@ -143,10 +167,9 @@ class CARPStats(Callback):
         threshold = max(2.0, self.collapse_fraction * min(pred.partition.numel(), n_assignments))
         if record["perplexity"] < threshold and n_assignments > 2:
             message = (
-                f"CARP assignments are collapsing at step {record['step']}: the teacher's "
-                f"{n_assignments} assignments use {int(record['prototypes_hit'])} prototypes "
-                f"(perplexity {record['perplexity']:.2f} < {threshold:.2f}); check the learning "
-                "rate, the block size (smaller blocks are more stable) and the augmentations"
+                f"{self.METHOD} assignments are collapsing at step {record['step']}: the teacher's "
+                f"{n_assignments} assignments use {int(record[self.HIT])} targets "
+                f"(perplexity {record['perplexity']:.2f} < {threshold:.2f}); check {self.ADVICE}"
             )
             from rich.console import Console
 

@@ -14,7 +14,10 @@ PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c "import carp_fast, fastai, nvidia.dali, faiss, accelerate" 2>/dev/null; then
+if ! .venv/bin/python -c "import carp_fast, fastai, nvidia.dali, faiss, accelerate, psutil, lightly" 2>/dev/null; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[dev]'
+  # benchmarks/peers.py (SwAV and DINO beside CARP) and its test: lightly without the
+  # Lightning stack it declares but its losses and heads never import (pyproject.toml, peers).
+  .venv/bin/python -m pip install -q --no-deps lightly==1.6.0
 fi

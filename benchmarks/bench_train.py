@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-precision", choices=PRECISIONS, default=None,
                    help="default fp16 + grad scaler on CUDA (the official code), fp32 on CPU")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="ours' memory format; default: on with CUDA or bf16, as the learner")
+                   help="ours' memory format; default: as the learner (on with CUDA and on oneDNN CPUs)")
     p.add_argument("--log-every", type=int, default=50, help="ours: batches between the statistics' host syncs (CARPConfig.log_every)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement and repeat")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per measurement first (in every fit of ours)")

@@ -110,6 +110,7 @@ def save_checkpoint(learn, path: str | os.PathLike, *, next_epoch: int, settings
         "grads": grads,
         "epoch": next_epoch,
         "train_iter": learn.train_iter,
+        "plan": getattr(learn, "plan", None),  # a TimeBudget's plan: the schedules' length
         "rng": rng,  # one dict per rank
         "settings": settings,
     }
@@ -147,7 +148,7 @@ def restore_checkpoint(learn, state: dict) -> None:
     """Load ``state`` into ``learn``, on every process, once its optimizer exists and fastai
     has reset its counters (the :class:`~carp_fast.callbacks.Checkpointer` does it in
     ``before_fit``): weights, optimizer, GradScaler, accumulated gradients, random states,
-    the step counters, and ``learn.first_epoch`` (a :class:`~carp_fast.learner.CARPLearner`
+    the step counters, a :class:`~carp_fast.callbacks.TimeBudget`'s plan, and ``learn.first_epoch`` (a :class:`~carp_fast.learner.CARPLearner`
     starts the fit there)."""
     model = _unwrap(learn.model)
     model.load_state_dict(state["model"])
@@ -161,6 +162,7 @@ def restore_checkpoint(learn, state: dict) -> None:
             p.grad = torch.empty_like(p).copy_(grads[name])  # the parameter's device and layout
     _restore_rng(state["rng"])
     learn.train_iter, learn.first_epoch = state["train_iter"], state["epoch"]
+    learn.plan = state.get("plan")  # a TimeBudget goes on with it
     accumulation = getattr(learn, "gradient_accumulation", None)
     if accumulation is not None:
         accumulation.count = state["accumulation_count"]

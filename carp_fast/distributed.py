@@ -15,19 +15,24 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _flag_tensor(flag: bool) -> torch.Tensor:
+def _flag_tensor(value: int) -> torch.Tensor:
     # NCCL moves only CUDA tensors; gloo (CPU processes) only CPU ones.
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    return torch.tensor([int(flag)], device=device)
+    return torch.tensor([int(value)], device=device, dtype=torch.int64)
+
+
+def main_process_value(value: int) -> int:
+    """The main process's integer ``value`` on every rank (a broadcast from rank 0)."""
+    if _world_size() == 1:
+        return value
+    tensor = _flag_tensor(value)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
 
 
 def main_process_decides(flag: bool) -> bool:
     """The main process's ``flag`` on every rank (a broadcast from rank 0)."""
-    if _world_size() == 1:
-        return flag
-    tensor = _flag_tensor(flag)
-    dist.broadcast(tensor, src=0)
-    return bool(tensor.item())
+    return bool(main_process_value(int(flag)))
 
 
 def any_process(flag: bool) -> bool:

@@ -72,7 +72,7 @@ class CARPConfig:
     teacher_momentum: float = setting(0.99, "teacher EMA momentum at the start; cosine to 1.0 over the fit")
     # Speed
     precision: str = setting("auto", "auto (bf16 on CUDA and on CPUs with bf16 units, else fp32) | bf16 | fp16 (autocast + GradScaler, as the paper; slow on CPUs) | fp32")
-    channels_last: bool | None = setting(None, "channels_last memory format; None: on with CUDA or bf16")
+    channels_last: bool | None = setting(None, "channels_last memory format; None: on with CUDA and on oneDNN CPUs")
     sync_bn: bool = setting(True, "batch statistics over all processes (torch's SyncBatchNorm on CUDA)")
     # Logging
     log_every: int = setting(50, "batches between host syncs for the logged statistics")
@@ -155,9 +155,11 @@ class CARPLearner(Learner):
     def _do_fit(self):
         try:
             self.epoch = min(self.first_epoch, self.n_epoch) - 1  # stays the last epoch if none is left
-            for epoch in range(self.first_epoch, self.n_epoch):
+            epoch = self.first_epoch
+            while epoch < self.n_epoch:  # re-read: a TimeBudget sets n_epoch once it has planned the fit
                 self.epoch = epoch
                 self._with_events(self._do_epoch, "epoch", CancelEpochException)
+                epoch += 1
         finally:
             self.first_epoch = 0  # a resume applies to one fit
 

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -39,8 +40,9 @@ class TrainSettings:
     data: str = setting("fashion-mnist", "'fashion-mnist', or an ImageNet-layout folder (train/ and val/ with class folders)")
     data_root: str | None = setting(None, "where Fashion-MNIST's idx files are (default: Debian's /usr/share/datasets/fashion-mnist)")
     out: str = setting("runs/carp", "run directory: metrics, checkpoints, exported backbone")
-    epochs: int = setting(100, "epochs of the schedules (learning rate, teacher momentum)")
-    minutes: float | None = setting(None, "stop after the epoch at which the next one would pass this budget")
+    epochs: int = setting(100, "epochs of the schedules (learning rate, teacher momentum); with --minutes, the most")
+    minutes: float | None = setting(None, "the whole run's budget, evaluation included: the schedules are sized to the steps "
+                                          "this machine does in it (measured on the first steps; none: --epochs exactly)")
     train_images: int = setting(0, "pretrain on a fixed random subset of this many images (0: all)")
     resume: bool = setting(False, "continue from out/checkpoint.pth")
     # Crops (the global crop count is the method's global_crops)
@@ -130,8 +132,23 @@ def parse_settings(defaults: dict, argv=None, description: str | None = None, co
     A default of :data:`carp_fast.options.REQUIRED` makes the option required (``--data``
     of the ImageNet recipes); ``config_class`` is the method's settings (CARPConfig,
     MaSSLConfig). A bad value ends the program with one error line, exit 2.
+
+    It also starts the clock of ``--minutes``: at the process's start when the options come
+    from the command line (``argv`` None), so that start-up counts, else now.
     """
+    global _run_started
+    _run_started = _process_start() if argv is None else time.time()
     return _parse((TrainSettings, config_class), defaults, argv, description)
+
+
+_run_started: float | None = None  # set by parse_settings: when this run's --minutes began
+
+
+def _process_start() -> float:
+    """``time.time()`` when this process started."""
+    import psutil  # an Accelerate dependency
+
+    return psutil.Process().create_time()
 
 
 # ---- the steps ------------------------------------------------------------------------------
@@ -238,7 +255,7 @@ def run_callbacks(settings: TrainSettings, config, sources: Sources, accelerator
         callbacks.append(KNNMonitor(eval_loader(sources.bank, **eval_kw), eval_loader(sources.queries, **eval_kw),
                                     every=settings.knn_every or settings.epochs))
     if settings.minutes:
-        callbacks.append(TimeBudget(settings.minutes))
+        callbacks.append(TimeBudget(settings.minutes, started=_run_started))
     return callbacks
 
 
@@ -272,6 +289,8 @@ def finish(learn, settings: TrainSettings, config, baselines: dict, export: Call
     the teacher's backbone exported (round-trip checked), ``summary.json``, the last line of
     ``metrics.jsonl`` with the k-NN numbers side by side, and a printed table. Every process
     calls it; returns the summary (on the main process)."""
+    from .callbacks.accumulation import optimizer_steps
+
     knn = getattr(learn, "knn_monitor", None)
     if knn is not None and knn.evaluated_epoch != learn.epoch:
         result = knn.evaluate_on_main()  # every rank decides alike; the others wait for the main one
@@ -281,6 +300,8 @@ def finish(learn, settings: TrainSettings, config, baselines: dict, export: Call
     summary = {"out": str(out)}
     if accelerator.is_main_process:
         summary["epochs_run"] = learn.epoch + 1
+        summary["steps_run"] = optimizer_steps(learn)
+        summary["plan"] = getattr(learn, "plan", None)
         summary["stopped_early"] = getattr(learn, "stopped_early", False)
         if knn is not None:
             summary["knn_top1"] = learn.knn_top1
@@ -305,6 +326,6 @@ def _print_comparison(summary: dict, knn) -> None:
     table.add_column("k-NN top-1 %", justify="right")
     table.add_row("raw pixels", f"{summary['knn_top1_raw_pixels']:.2f}")
     table.add_row("teacher at random initialisation", f"{summary['knn_top1_random_init']:.2f}")
-    table.add_row(f"trained teacher ({summary['epochs_run']} epochs)", f"{summary['knn_top1']:.2f}")
+    table.add_row(f"trained teacher ({summary['steps_run']} steps)", f"{summary['knn_top1']:.2f}")
     Console().print(table)
 

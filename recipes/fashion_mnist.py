@@ -1,11 +1,15 @@
 """The embedded default: CARP on Fashion-MNIST in minutes, on whatever device there is.
 
-    python recipes/fashion_mnist.py            # under 10 minutes on 2 CPU cores
-    python recipes/fashion_mnist.py --epochs 1 --train-images 2048   # a smoke test
+    python recipes/fashion_mnist.py                       # a 9-minute run, planned to this machine
+    python recipes/fashion_mnist.py --minutes 3           # a shorter one (its schedules complete too)
+    python recipes/fashion_mnist.py --epochs 1 --train-images 2048 --minutes none   # a smoke test
 
-Ends by printing the k-NN top-1 (k = 20, T = 0.07) on the 10k test images of the trained
-teacher beside that of the same network at random initialisation and that of the raw
-pixels. Every setting below is an option (`--help` lists them with their defaults).
+The run is planned to its budget: the first optimizer steps are timed, and the learning-rate
+and momentum schedules are sized to the steps this machine does in ``--minutes`` (start-up and
+the final evaluation included), printed as ``plan: N steps of batch B ...``. It ends by printing
+the k-NN top-1 (k = 20, T = 0.07) on the 10k test images of the trained teacher beside that of
+the same network at random initialisation and that of the raw pixels. Every setting below is
+an option (``--help`` lists them with their defaults).
 """
 
 from carp_fast.export import export_backbone
@@ -21,25 +25,26 @@ DEFAULTS = dict(
     block_size=64,  # 16 blocks: small blocks are stable at small batches (paper B.2)
     hidden_dim=512,
     embed_dim=128,
-    # Optimisation
+    # Optimisation (tuned in the budget: the table of every setting tried is in BENCHMARKS.md)
     optimizer="adamw",  # LARS needs long schedules; AdamW learns far more in minutes
-    base_lr=2e-3,  # x 256 / 256 (the 5e-4 tried first reached 68.1 % instead of 77.5 %)
+    base_lr=5e-3,  # x 128 / 256; 2e-3 reached 78.5 % instead of 79.9 % in 65k images at batch 128
     final_lr=2e-5,  # the cosine's absolute end
     weight_decay=0.05,
-    batch_size=256,
-    global_batch=256,
+    batch_size=128,  # more steps per image: 79.9 % against 78.5 % at 256 for the same images
+    global_batch=128,
     teacher_momentum=0.97,  # few steps: a faster teacher
-    # Crops: 28 px images
-    global_size=28,
-    local_size=14,
+    # Crops of the 28 px images, smaller than the images: about half the compute of 28 + 14 px
+    # crops, so twice the steps in the budget (84.8 % against 82.3 %); evaluated at 28 px
+    global_size=20,
+    local_size=12,
     local_crops=2,
     global_scale=(0.3, 1.0),
     local_scale=(0.1, 0.3),
     blur_sigma=(0.1, 0.5),  # 2 px of blur would erase a 28 px image
-    # Budget
-    epochs=4,
-    train_images=16_384,  # a fixed random subset per epoch keeps the run to minutes on 2 cores
-    minutes=7,  # training stops after the epoch that would pass this
+    # Budget: the schedules are sized to what this machine does in `minutes`
+    minutes=9,  # the whole run, start-up and evaluation included
+    epochs=50,  # the most: a fast machine stops here
+    train_images=0,  # all 60k
     workers=2,
     # Monitoring
     eval_size=28,

@@ -89,9 +89,11 @@ def test_quickstart_runs(monkeypatch):
 def test_random_partitions_runs(monkeypatch):
     nb = execute(PARTITIONS, monkeypatch)
     text, images = outputs(nb)
-    assert images >= 2, f"expected the curves and the usage/k-NN plots, got {images}"
+    assert images >= 2, f"expected the block-size and the K-sweep plots, got {images}"
     assert percents(r"k-NN top-1 at random init: ([\d.]+) %", text)
-    # the summary table has one row per run, with its k-NN top-1 column
-    for name in ("B=16 random", "B=128 random", "B=1024 random (one block: CARL)", "B=128 fixed"):
+    # the summary table has one row per setting, with its k-NN top-1 column: the block-size sweep
+    # (one block: CARL), random against fixed partitions, the K sweep
+    for name in ("K=4096 B=16 random", "K=4096 B=256 random", "K=4096 B=4096 random (one block: CARL)",
+                 "K=4096 B=256 fixed", "K=256 B=64 random", "K=16384 B=64 random"):
         assert name in text
     assert "k-NN top-1" in text

@@ -90,3 +90,29 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step():
     results = run_ranks(_nan_worker, 2, timeout=240)
     assert results[0].startswith("stopped at 2") and results[1].startswith("stopped at 2")
     assert "another process" in results[0]  # rank 0's own loss was still finite
+
+
+def _plan_worker(rank, port, queue):
+    from fastai.callback.core import Callback
+
+    from carp_fast.callbacks import TimeBudget
+
+    class SlowerMainProcess(Callback):
+        """Rank 0's steps take longer than rank 1's: their clocks would plan different lengths."""
+
+        def before_batch(self):
+            time.sleep(0.3 if rank == 0 else 0.05)
+
+    _env(rank, port)
+    learn = _learner(rank)
+    learn.add_cbs([SlowerMainProcess(), TimeBudget(minutes=12 / 60, margin=0.0, warmup=1, measure=2, measure_seconds=0.2)])
+    learn.fit(1000)
+    queue.put((rank, (learn.plan["steps"], learn.train_iter, learn.epoch, learn.stopped_early)))
+
+
+@pytest.mark.slow
+def test_every_rank_follows_the_main_process_plan():
+    results = run_ranks(_plan_worker, 2, timeout=240)
+    assert results[0] == results[1]  # the same plan, the same steps, the same last epoch
+    steps, train_iter, _, stopped_early = results[0]
+    assert train_iter == steps < 2000 and not stopped_early

@@ -1,6 +1,7 @@
 """Runs through the recipes: outputs, resume after kill -9, bad input, export, command line."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -66,6 +67,26 @@ def test_resnet50_export_loads_into_torchvision(tmp_path):
     export_backbone(model, tmp_path / "b.pth", arch="resnet50")
     missing, unexpected = torchvision.models.resnet50().load_state_dict(torch.load(tmp_path / "b.pth"), strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+
+
+@pytest.mark.slow
+def test_minutes_plan_the_whole_run_and_the_schedule_completes(tmp_path, capsys):
+    """--minutes sizes the run to the budget (evaluation included) instead of cutting it."""
+    budget_s = 40.0
+    start = time.time()
+    summary = run_cli(tmp_path, "--epochs", "1000", "--minutes", str(budget_s / 60), "--knn-random-init", "--knn-every", "0",
+                      "--batch-size", "16", "--global-batch", "16", "--base-lr", "2e-3", "--final-lr", "1e-4")
+    took = time.time() - start
+    plan = summary["plan"]
+    assert f"plan: {plan['steps']} steps of batch 16" in capsys.readouterr().out
+    assert summary["steps_run"] == plan["steps"] > 7 and summary["epochs_run"] == plan["epochs"] < 1000
+    assert not summary["stopped_early"] and took < budget_s + 8  # a loaded CI machine: some slack
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "final" not in line]
+    # The cosine ran to its end over the planned steps: written from the official schedule
+    # final + (peak - final) (1 + cos(pi s / S)) / 2 at the last step s = S - 1.
+    peak, final, steps = 2e-3 * 16 / 256, 1e-4, plan["steps"]
+    expected = final + (peak - final) * (1 + math.cos(math.pi * (steps - 1) / steps)) / 2
+    assert lines[-1]["lr_last_step"] == pytest.approx(expected, rel=1e-5)
 
 
 def _launch(out, epochs):

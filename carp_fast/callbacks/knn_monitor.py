@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from datetime import timedelta
 
@@ -42,6 +43,7 @@ class KNNMonitor(Callback):
         self.train_dl, self.valid_dl, self.every = train_dl, valid_dl, every
         self.k, self.temperature, self.network = k, temperature, network
         self.history: list[dict] = []
+        self.seconds = 0.0  # how long the last evaluation took
         self.evaluated_epoch: int | None = None
         self._waiting_room = None  # a gloo group with a long timeout (see evaluate_on_main)
 
@@ -82,6 +84,7 @@ class KNNMonitor(Callback):
         from carp_fast.eval.features import extract_features
         from carp_fast.eval.knn import knn_accuracy
 
+        start = time.perf_counter()
         backbone = getattr(getattr(self.learn.model, "module", self.learn.model), self.network).backbone
         device = next(backbone.parameters()).device
         # extract_features runs the backbone in eval mode and restores its mode itself.
@@ -92,4 +95,5 @@ class KNNMonitor(Callback):
             warnings.warn(f"KNNMonitor: the bank has {k} images, fewer than k={self.k}; voting with k={k}", stacklevel=2)
             self._warned_k = True
         result = knn_accuracy(bank.features, bank.labels, queries.features, queries.labels, k=k, temperature=self.temperature)
+        self.seconds = time.perf_counter() - start  # a TimeBudget reserves this much for the last one
         return result.top1, result.top5

@@ -36,7 +36,9 @@ def step_progress(learn) -> float:
     """``s / S`` during optimizer step ``s`` (0-based) of the fit's ``S``: the position in the
     official per-iteration schedules (learning rate, weight decay, teacher momentum). Every
     micro-batch of a step has the step's value; without accumulation it is fastai's
-    ``pct_train``. Reads ``learn.gradient_accumulation.n_steps`` (1 if absent)."""
+    ``pct_train``. ``S`` is ``learn.planned_steps`` where a :class:`~carp_fast.callbacks.TimeBudget`
+    has planned the fit, else its epochs x batches. Reads ``learn.gradient_accumulation.n_steps``
+    (1 if absent)."""
     n_acc = getattr(getattr(learn, "gradient_accumulation", None), "n_steps", 1)
-    total_steps = max(1, (learn.n_epoch * learn.n_iter) // n_acc)
+    total_steps = max(1, getattr(learn, "planned_steps", None) or (learn.n_epoch * learn.n_iter) // n_acc)
     return min(1.0, (learn.train_iter // n_acc) / total_steps)

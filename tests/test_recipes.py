@@ -64,11 +64,11 @@ def test_two_crop_recipe_runs_by_name(imagenet_folder, tmp_path):
 @pytest.mark.slow
 def test_readme_two_process_command_runs_as_written(tmp_path):
     """README: `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 recipes/fashion_mnist.py`,
-    with a small budget: the per-process batch follows from the global batch of 256."""
+    with a small budget: the per-process batch follows from the global batch of 128."""
     out = launch(ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "recipes/fashion_mnist.py", "--out", str(tmp_path),
                  "--epochs", "1", "--train-images", "1024", "--knn-bank", "500", "--knn-queries", "200", "--workers", "1",
                  "--no-knn-random-init", env={"ACCELERATE_USE_CPU": "1"})
-    assert "batch_size 256 -> 128 per process" in out.stdout
+    assert "batch_size 128 -> 64 per process" in out.stdout
     state = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
-    assert state["settings"]["batch_size"] == 128 and state["settings"]["global_batch"] == 256
-    assert state["train_iter"] == 4  # 1024 images / 256 per optimizer step, no accumulation
+    assert state["settings"]["batch_size"] == 64 and state["settings"]["global_batch"] == 128
+    assert state["train_iter"] == 8  # 1024 images / 128 per optimizer step, no accumulation

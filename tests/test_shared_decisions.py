@@ -105,7 +105,7 @@ def _plan_worker(rank, port, queue):
 
     _env(rank, port)
     learn = _learner(rank)
-    learn.add_cbs([SlowerMainProcess(), TimeBudget(minutes=12 / 60, margin=0.0, warmup=1, measure=2, measure_seconds=0.2)])
+    learn.add_cbs([SlowerMainProcess(), TimeBudget(minutes=12 / 60, margin=0.2, warmup=1, measure=2, measure_seconds=0.2)])
     learn.fit(1000)
     queue.put((rank, (learn.plan["steps"], learn.train_iter, learn.epoch, learn.stopped_early)))
 

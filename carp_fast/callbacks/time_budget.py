@@ -25,7 +25,8 @@ class TimeBudget(Callback):
     what is left of the budget, less a reserve for the end: the k-NN evaluation as long as
     the last one the :class:`~carp_fast.callbacks.KNNMonitor` took (the one at
     initialisation, say), the monitor's evaluations due before it, and ``margin`` of the
-    budget for checkpoints, the export and jitter. ``learn.fit(n)`` gives the most epochs;
+    budget for the per-epoch checkpoints and loader restarts, the export and jitter (a fit of
+    many epochs of a few seconds outgrows 3 %: the guard below then ends it early). ``learn.fit(n)`` gives the most epochs;
     the plan is ``learn.planned_steps`` optimizer steps (the schedules' length, read by
     :func:`~carp_fast.callbacks.schedule.step_progress`) in ``learn.n_epoch`` epochs, the
     last one cut short. It is printed::

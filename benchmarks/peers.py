@@ -45,19 +45,20 @@ import copy
 import dataclasses
 import json
 import math
-import platform
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from fastai.callback.core import Callback, CancelFitException
 
-from carp_fast.learner import CARPConfig, setting
-from carp_fast.run import TrainSettings
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's benchmarks/
+from benchmarks.tune_embedded import cpu_name  # noqa: E402
+from carp_fast.learner import CARPConfig, setting  # noqa: E402
+from carp_fast.run import TrainSettings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "runs" / "peers" / "results.jsonl"
@@ -256,21 +257,10 @@ class StopAfter(Callback):
 
 def peer_learner(method: str, dls, config: CARPConfig, peers: PeerSettings, accelerator, out: str, freeze_default: int, progress: bool):
     """A fastai Learner training ``method`` ('swav' or 'dino') with the recipe's optimizer and schedules."""
-    from fastai.callback.schedule import SchedCos
-    from fastai.optimizer import OptimWrapper
-
-    from carp_fast.callbacks.schedule import OptimizerStepScheduler
     from carp_fast.callbacks.teacher_ema import TeacherEMA
-    from carp_fast.lars import lars_optimizer
-    from carp_fast.learner import build_learner
+    from carp_fast.learner import build_learner, lr_wd_schedules, opt_func
 
-    if config.optimizer == "lars":
-        opt_func = partial(lars_optimizer, momentum=config.lars_momentum, weight_decay=config.weight_decay, eta=config.lars_eta)
-    else:
-        opt_func = partial(OptimWrapper, opt=partial(torch.optim.AdamW, weight_decay=config.weight_decay))
-    final_wd = config.weight_decay if config.final_weight_decay is None else config.final_weight_decay
-    schedules = {"lr": SchedCos(config.peak_lr(), config.final_lr), "wd": SchedCos(config.weight_decay, final_wd)}
-    callbacks = [OptimizerStepScheduler(schedules), PeerSteps()]
+    callbacks = [lr_wd_schedules(config), PeerSteps()]
     if method == "swav":
         from lightly.loss import SwaVLoss
 
@@ -288,7 +278,7 @@ def peer_learner(method: str, dls, config: CARPConfig, peers: PeerSettings, acce
                         center_momentum=peers.dino_center_momentum)
         callbacks.append(TeacherEMA(config.teacher_momentum))
     loss_func = Float32Loss(loss, method).to(accelerator.device)
-    return build_learner(dls, model, config, loss_func=loss_func, opt_func=opt_func, lr=config.peak_lr(),
+    return build_learner(dls, model, config, loss_func=loss_func, opt_func=opt_func(config), lr=config.peak_lr(),
                          method_cbs=callbacks, accelerator=accelerator, path=out, progress=progress), freeze
 
 
@@ -358,7 +348,7 @@ def run_method(method: str, settings: TrainSettings, config: CARPConfig, peers: 
         "scored": f"{scored} backbone", "freeze_steps": freeze, "precision": config.resolved_precision(accelerator.device),
         "final_loss": float(learn.recorder.losses[-1]) if getattr(learn, "recorder", None) is not None and learn.recorder.losses else None,
         "lightly": _lightly_version() if method != "carp" else None, "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "machine": _machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "threads": torch.get_num_threads(), "machine": cpu_name(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": {**dataclasses.asdict(settings), **config.to_dict(), **dataclasses.asdict(peers)},
     }
 
@@ -367,16 +357,6 @@ def _lightly_version() -> str:
     import lightly
 
     return lightly.__version__
-
-
-def _machine() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 HEADER = "| method | k-NN top-1 % | steps | train s | images/s | scored |\n|---|---:|---:|---:|---:|---|"

@@ -136,10 +136,18 @@ def build_model(config: CARPConfig) -> StudentTeacher:
     )
 
 
-def _opt_func(config: CARPConfig):
+def opt_func(config: CARPConfig):
+    """fastai ``opt_func`` of ``config.optimizer``: LARS (the paper's) or AdamW, with its weight decay."""
     if config.optimizer == "lars":
         return partial(lars_optimizer, momentum=config.lars_momentum, weight_decay=config.weight_decay, eta=config.lars_eta)
     return partial(OptimWrapper, opt=partial(torch.optim.AdamW, weight_decay=config.weight_decay))
+
+
+def lr_wd_schedules(config: CARPConfig) -> OptimizerStepScheduler:
+    """The official per-optimizer-step cosines: lr from ``peak_lr()`` to the absolute ``final_lr``,
+    weight decay from ``weight_decay`` to ``final_weight_decay`` (constant when None)."""
+    final_wd = config.weight_decay if config.final_weight_decay is None else config.final_weight_decay
+    return OptimizerStepScheduler({"lr": SchedCos(config.peak_lr(), config.final_lr), "wd": SchedCos(config.weight_decay, final_wd)})
 
 
 class CARPLearner(Learner):
@@ -184,12 +192,9 @@ def carp_learner(dls, config: CARPConfig, *, accelerator=None, cbs=None, path: s
         GradientAccumulation, the precision callback, OptimizerStepScheduler (lr and weight decay),
         TeacherEMA and CARPStats (``learn.carp_stats.history``).
     """
-    lr = config.peak_lr()
-    final_wd = config.weight_decay if config.final_weight_decay is None else config.final_weight_decay
-    schedules = {"lr": SchedCos(lr, config.final_lr), "wd": SchedCos(config.weight_decay, final_wd)}
     return build_learner(
-        dls, build_model(config), config, loss_func=CARPLoss(), opt_func=_opt_func(config), lr=lr,
-        method_cbs=[OptimizerStepScheduler(schedules), TeacherEMA(config.teacher_momentum), CARPStats(every=config.log_every)],
+        dls, build_model(config), config, loss_func=CARPLoss(), opt_func=opt_func(config), lr=config.peak_lr(),
+        method_cbs=[lr_wd_schedules(config), TeacherEMA(config.teacher_momentum), CARPStats(every=config.log_every)],
         accelerator=accelerator, cbs=cbs, path=path, progress=progress,
     )
 

@@ -57,10 +57,10 @@ def test_lars_rejects_bad_hyperparameters():
 
 
 def test_fastai_drives_lr_and_weight_decay_hypers():
-    from carp_fast.learner import CARPConfig, _opt_func
+    from carp_fast.learner import CARPConfig, opt_func
 
     p = torch.nn.Parameter(torch.ones(2, 2))
-    opt = _opt_func(CARPConfig())([p], lr=0.3)
+    opt = opt_func(CARPConfig())([p], lr=0.3)
     opt.set_hyper("lr", 0.01)
     opt.set_hyper("wd", 0.5)
     group = opt.opt.param_groups[0]

@@ -45,7 +45,7 @@ def test_the_fit_is_sized_to_the_budget_and_its_schedule_completes(capsys):
     assert learn.recorder.lrs[-1] == pytest.approx(0.1 / plan["steps"], rel=1e-6)
     assert f"plan: {plan['steps']} steps of batch 8" in capsys.readouterr().out
     # Ending inside an epoch leaves no batch half-run: autocast (entered in before_batch) is off.
-    assert plan["steps"] % 4 == 0 or not torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("cpu")
 
 
 def test_a_budget_larger_than_the_epochs_runs_them_exactly():

@@ -1,64 +1,108 @@
 """TimeBudget plans a fit to its budget: the schedules are sized to the measured step time, the
-fit ends inside the budget with its schedules complete, and a resumed run keeps the plan."""
+fit ends inside the budget with its schedules complete, a slower pace shortens the plan, and a
+resumed run keeps the plan.
 
-import time
+The budget's clock here is a fake that only the toy steps advance, so every number is exact on
+any machine (a real clock made these tests depend on the CI machine's speed)."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 from fastai.callback.core import Callback, CancelFitException
 
 from carp_fast.callbacks import Autocast, Checkpointer, TimeBudget
+from carp_fast.callbacks import time_budget
 from carp_fast.callbacks.schedule import OptimizerStepScheduler
 from carp_fast.learner import CARPLearner
 from tests.test_callbacks_in_any_learner import toy_learner
 
-STEP = 0.05  # seconds each toy step sleeps: the step time the plan must measure
+STEP = 0.0625  # seconds each toy step takes on the fake clock (exact in binary: the sums are exact)
+
+
+class FakeClock:
+    "``time.time`` for TimeBudget; only :class:`SlowSteps` moves it."
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def time(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(time_budget, "time", SimpleNamespace(time=fake.time))
+    return fake
 
 
 class SlowSteps(Callback):
-    """Every training batch takes STEP seconds (a stand-in for a slow machine)."""
+    """Every training batch takes ``STEP`` seconds, ``slower`` times that from batch ``after`` on
+    (a stand-in for a slow machine, and for one that slows down)."""
+
+    def __init__(self, clock, slower=1.0, after=0):
+        self.clock, self.slower, self.after, self.batches = clock, slower, after, 0
 
     def before_batch(self):
         if self.training:
-            time.sleep(STEP)
+            self.batches += 1
+            self.clock.now += STEP * (self.slower if self.batches > self.after else 1.0)
 
 
 def lr_schedule():
     return OptimizerStepScheduler({"lr": lambda pct: 0.1 * (1 - pct)})
 
 
-def test_the_fit_is_sized_to_the_budget_and_its_schedule_completes(capsys):
-    budget_s = 4.0
-    learn = toy_learner(SlowSteps(), lr_schedule(), Autocast(torch.bfloat16),
-                        TimeBudget(minutes=budget_s / 60, margin=0.15, warmup=2, measure=4, measure_seconds=0.2))
-    start = time.time()
+def test_the_fit_is_sized_to_the_budget_and_its_schedule_completes(clock, capsys):
+    budget_s, margin = 8.0, 0.125
+    learn = toy_learner(SlowSteps(clock), lr_schedule(), Autocast(torch.bfloat16),
+                        TimeBudget(minutes=budget_s / 60, margin=margin, warmup=2, measure=4, measure_seconds=0.25))
+    start = clock.now
     learn.fit(1000)  # 4 batches an epoch: 1000 epochs is far more than the budget
-    took = time.time() - start
     plan = learn.plan
-    # Written from the definition: the steps left after the plan fill what is left of the budget.
-    planned_at = 2 + 4  # warm-up + measured steps, then the plan
-    expected = planned_at + (0.85 * budget_s - planned_at * STEP) / STEP
-    assert plan["steps"] == pytest.approx(expected, rel=0.2)
+    # Written from the definition: after 2 warm-up and 4 timed steps (4 STEP >= 0.25 s) the plan
+    # fills what is left of the budget less its margin with steps of STEP seconds.
+    planned_at = 2 + 4
+    expected = planned_at + (budget_s * (1 - margin) - planned_at * STEP) / STEP  # 112 steps
+    assert plan["steps"] == expected and plan["step_seconds"] == STEP
     assert learn.train_iter == plan["steps"] and learn.n_epoch == plan["epochs"] == -(-plan["steps"] // 4)
-    assert took <= budget_s + 0.5 and learn.stopped_early is False
+    assert clock.now - start == plan["steps"] * STEP <= budget_s and learn.stopped_early is False
     # The schedule ran to its end over the planned steps: last step at pct (S - 1) / S.
     assert learn.recorder.lrs[-1] == pytest.approx(0.1 / plan["steps"], rel=1e-6)
-    assert f"plan: {plan['steps']} steps of batch 8" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"plan: {plan['steps']} steps of batch 8" in out and "re-plan" not in out  # the pace held
     # Ending inside an epoch leaves no batch half-run: autocast (entered in before_batch) is off.
     assert not torch.is_autocast_enabled("cpu")
 
 
-def test_a_budget_larger_than_the_epochs_runs_them_exactly():
-    learn = toy_learner(TimeBudget(minutes=60, warmup=1, measure=2, measure_seconds=0.0), lr_schedule())
+def test_a_machine_that_slows_down_gets_a_shorter_plan_that_still_completes(clock, capsys):
+    budget_s, margin = 8.0, 0.125
+    # From batch 20 on every step takes twice as long: the first plan (112 steps) no longer fits.
+    learn = toy_learner(SlowSteps(clock, slower=2.0, after=20), lr_schedule(),
+                        TimeBudget(minutes=budget_s / 60, margin=margin, warmup=2, measure=4, measure_seconds=0.25))
+    start = clock.now
+    learn.fit(1000)
+    plan = learn.plan
+    # All the steps that fit: 20 fast ones, then (budget less margin - 20 STEP) / (2 STEP) = 46.
+    fit_all = 20 + (budget_s * (1 - margin) - 20 * STEP) / (2 * STEP)
+    assert plan["steps"] < 112 and learn.train_iter == plan["steps"] and learn.stopped_early is False
+    assert clock.now - start <= budget_s and plan["steps"] >= fit_all - 4  # at most an epoch's steps lost
+    assert learn.recorder.lrs[-1] == pytest.approx(0.1 / plan["steps"], rel=1e-6)  # the schedule still ends
+    assert f"re-plan: {plan['steps']} steps of batch 8" in capsys.readouterr().out
+
+
+def test_a_budget_larger_than_the_epochs_runs_them_exactly(clock):
+    learn = toy_learner(SlowSteps(clock), TimeBudget(minutes=60, warmup=1, measure=2, measure_seconds=0.0), lr_schedule())
     learn.fit(3)
     assert learn.plan["steps"] == learn.train_iter == 12 and learn.epoch == 2 and learn.stopped_early is False
     assert learn.recorder.lrs[-1] == pytest.approx(0.1 / 12, rel=1e-6)
 
 
-def test_a_plain_learner_stops_after_the_planned_epochs():
+def test_a_plain_learner_stops_after_the_planned_epochs(clock):
     """fastai's own Learner iterates ``range(n_epoch)`` fixed at the start: the plan ends it."""
     epochs_seen = []
-    learn = toy_learner(SlowSteps(), TimeBudget(minutes=1.5 / 60, margin=0.15, warmup=1, measure=2, measure_seconds=0.1))
+    learn = toy_learner(SlowSteps(clock), TimeBudget(minutes=1.5 / 60, margin=0.125, warmup=1, measure=2, measure_seconds=0.1))
     learn.add_cb(type("Epochs", (Callback,), {"after_epoch": lambda self: epochs_seen.append(self.epoch)})())
     learn.fit(1000)
     assert len(epochs_seen) == learn.plan["epochs"] < 1000 and learn.train_iter == learn.plan["steps"]
@@ -84,14 +128,16 @@ class StopAfterEpoch(Callback):
             raise CancelFitException()
 
 
-def test_a_resumed_run_keeps_its_plan(tmp_path):
-    budget = TimeBudget(minutes=3 / 60, margin=0.15, warmup=1, measure=2, measure_seconds=0.1)
-    learn = carp_toy_learner(SlowSteps(), lr_schedule(), Checkpointer(tmp_path, {"toy": 1}), budget, StopAfterEpoch(1))
+def test_a_resumed_run_keeps_its_plan(tmp_path, clock):
+    budget = TimeBudget(minutes=3 / 60, margin=0.125, warmup=1, measure=2, measure_seconds=0.1)
+    learn = carp_toy_learner(SlowSteps(clock), lr_schedule(), Checkpointer(tmp_path, {"toy": 1}), budget, StopAfterEpoch(1))
     learn.fit(1000)
     plan = learn.plan
     assert learn.train_iter == 8 and plan["steps"] > 12  # interrupted after 2 of its planned epochs
     # The resumed run has another budget: it goes on with the first plan, and ends where it said.
-    resumed = carp_toy_learner(lr_schedule(), Checkpointer(tmp_path, {"toy": 1}, resume=True), TimeBudget(minutes=60))
+    # Steps three times as slow would re-plan in the first process; this one keeps the plan.
+    resumed = carp_toy_learner(SlowSteps(clock, slower=3.0), lr_schedule(), Checkpointer(tmp_path, {"toy": 1}, resume=True),
+                               TimeBudget(minutes=60))
     resumed.fit(1000)
     assert resumed.plan == plan and resumed.train_iter == plan["steps"]
     assert resumed.recorder.lrs[-1] == pytest.approx(0.1 / plan["steps"], rel=1e-6)

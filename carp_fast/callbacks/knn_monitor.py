@@ -44,6 +44,7 @@ class KNNMonitor(Callback):
         self.k, self.temperature, self.network = k, temperature, network
         self.history: list[dict] = []
         self.seconds = 0.0  # how long the last evaluation took
+        self.seconds_total = 0.0  # and all of them (a TimeBudget's re-plan leaves them out of the pace)
         self.evaluated_epoch: int | None = None
         self._waiting_room = None  # a gloo group with a long timeout (see evaluate_on_main)
 
@@ -96,4 +97,5 @@ class KNNMonitor(Callback):
             self._warned_k = True
         result = knn_accuracy(bank.features, bank.labels, queries.features, queries.labels, k=k, temperature=self.temperature)
         self.seconds = time.perf_counter() - start  # a TimeBudget reserves this much for the last one
+        self.seconds_total += self.seconds
         return result.top1, result.top5

@@ -25,17 +25,25 @@ class TimeBudget(Callback):
     what is left of the budget, less a reserve for the end: the k-NN evaluation as long as
     the last one the :class:`~carp_fast.callbacks.KNNMonitor` took (the one at
     initialisation, say), the monitor's evaluations due before it, and ``margin`` of the
-    budget for the per-epoch checkpoints and loader restarts, the export and jitter (a fit of
-    many epochs of a few seconds outgrows 3 %: the guard below then ends it early). ``learn.fit(n)`` gives the most epochs;
-    the plan is ``learn.planned_steps`` optimizer steps (the schedules' length, read by
+    budget for the export and jitter. ``learn.fit(n)`` gives the most epochs; the plan is
+    ``learn.planned_steps`` optimizer steps (the schedules' length, read by
     :func:`~carp_fast.callbacks.schedule.step_progress`) in ``learn.n_epoch`` epochs, the
     last one cut short. It is printed::
 
         plan: 1234 steps of batch 256 (5.3 epochs), 0.31 s a step: about 8.9 of 9 minutes
 
-    and kept in ``learn.plan`` (the numbers) and in the checkpoint, so a resumed run goes on
-    with the same schedule. Every process follows the main process's plan and its stops. As
-    a guard, the fit still ends after an epoch when the next one would overrun the budget
+    The first steps do not see what every epoch costs besides its steps (the loader's
+    restart, checkpoints), nor a machine that slows down. So at the end of each epoch's
+    training phase the pace since the plan (k-NN evaluations left out: they are reserved on
+    their own), or that epoch's if slower, is measured again, and when the planned steps no
+    longer fit, the plan is shortened to what does (printed as ``re-plan: ...``). The
+    schedules then jump ahead by the steps taken off and still end where they should; a plan
+    is never lengthened.
+
+    The plan is kept in ``learn.plan`` (the numbers) and in the checkpoint, so a resumed run
+    goes on with the same schedule (a resumed run's clock starts again, so it does not
+    re-plan). Every process follows the main process's plans and its stops. As a last guard,
+    the fit still ends after an epoch when the next one would overrun the budget
     (``learn.stopped_early`` then says so).
 
     Args:
@@ -62,7 +70,7 @@ class TimeBudget(Callback):
     # ---- clock ------------------------------------------------------------------------------
 
     def _elapsed(self) -> float:
-        return time.time() - self._t0
+        return time.time() - self._t0  # one clock (time.time) throughout: ``started`` is on it too
 
     def before_fit(self):
         "Start the clock; a resumed run (a Checkpointer restored its counters) keeps its plan."
@@ -74,6 +82,7 @@ class TimeBudget(Callback):
         self._fit_steps0, self._max_epochs = optimizer_steps(self.learn), self.learn.n_epoch
         plan = getattr(self.learn, "plan", None) if self.learn.train_iter > 0 else None
         self.learn.plan, self.learn.planned_steps = plan, None
+        self._planned_at = None  # (elapsed, steps, k-NN seconds) when this process planned
         if plan is not None:  # the schedules go on as first planned
             self.learn.planned_steps, self.learn.n_epoch = plan["steps"], plan["epochs"]
 
@@ -83,6 +92,14 @@ class TimeBudget(Callback):
 
     def before_epoch(self):
         self.epoch_start, self.epoch_steps0 = time.time(), optimizer_steps(self.learn)
+
+    def _monitor(self):
+        return getattr(self.learn, "knn_monitor", None)
+
+    def _eval_seconds(self) -> tuple[float, float]:
+        "How long the k-NN monitor's last evaluation took, and all of them so far (0 without one)."
+        monitor = self._monitor()
+        return getattr(monitor, "seconds", 0.0), getattr(monitor, "seconds_total", 0.0)
 
     # ---- plan -------------------------------------------------------------------------------
 
@@ -95,9 +112,9 @@ class TimeBudget(Callback):
         if self.learn.plan is None:
             done = steps - self._fit_steps0
             if done == self.warmup:
-                self._timer = time.perf_counter()
+                self._timer = time.time()
             elif done >= self.warmup + self.measure:
-                seconds = time.perf_counter() - self._timer
+                seconds = time.time() - self._timer
                 if main_process_decides(seconds >= self.measure_seconds):
                     self._plan(seconds / (done - self.warmup), steps)
         # Here, after every other callback's after_batch (this one runs last), not in
@@ -109,28 +126,57 @@ class TimeBudget(Callback):
         accumulation = getattr(self.learn, "gradient_accumulation", None)
         return accumulation.n_steps if accumulation is not None else 1
 
+    def _steps_per_epoch(self) -> int:
+        return max(1, self.learn.n_iter // self._accumulation())
+
+    def _steps_that_fit(self, step_seconds: float, steps_done: int, most: int) -> int:
+        """The optimizer steps (``steps_done`` included, at most ``most``) after which the fit ends,
+        its k-NN evaluations included, inside the budget less its margin, at ``step_seconds`` a step."""
+        per_epoch, monitor = self._steps_per_epoch(), self._monitor()
+        eval_seconds = self._eval_seconds()[0]
+        left = self.seconds * (1 - self.margin) - self._elapsed() - eval_seconds  # the last evaluation
+        planned = min(most, steps_done + max(0, math.floor(left / step_seconds)))
+        if monitor is not None and eval_seconds:  # and the ones due before it, from this epoch on
+            last = math.ceil(planned / per_epoch) - 1
+            evaluations = sum((epoch + 1) % monitor.every == 0 for epoch in range(self.learn.epoch, last))
+            planned = min(planned, steps_done + max(0, math.floor((left - evaluations * eval_seconds) / step_seconds)))
+        return max(main_process_value(planned), steps_done)
+
     def _plan(self, step_seconds: float, steps_done: int) -> None:
         """Set ``learn.planned_steps`` and ``learn.n_epoch`` from the measured step time."""
-        learn = self.learn
-        steps_per_epoch = max(1, learn.n_iter // self._accumulation())
-        most = self._max_epochs * steps_per_epoch
-        monitor = getattr(learn, "knn_monitor", None)
-        eval_seconds = getattr(monitor, "seconds", 0.0) if monitor is not None else 0.0
-        left = self.seconds * (1 - self.margin) - self._elapsed() - eval_seconds
-        planned = min(most, steps_done + max(0, math.floor(left / step_seconds)))
-        if monitor is not None and eval_seconds:  # the monitor's evaluations before the last one
-            evaluations = (math.ceil(planned / steps_per_epoch) - 1) // monitor.every
-            planned = min(planned, steps_done + max(0, math.floor((left - evaluations * eval_seconds) / step_seconds)))
-        planned = max(main_process_value(planned), steps_done)
-        epochs = max(1, math.ceil(planned / steps_per_epoch))
+        planned = self._steps_that_fit(step_seconds, steps_done, self._max_epochs * self._steps_per_epoch())
+        self._planned_at = (self._elapsed(), steps_done, self._eval_seconds()[1])
+        self._set_plan(planned, step_seconds, steps_done, "plan")
+
+    def _set_plan(self, planned: int, step_seconds: float, steps_done: int, word: str) -> None:
+        learn, per_epoch = self.learn, self._steps_per_epoch()
+        epochs = max(1, math.ceil(planned / per_epoch))
         learn.planned_steps, learn.n_epoch = planned, epochs
-        total = self._elapsed() + (planned - steps_done) * step_seconds + eval_seconds
+        total = self._elapsed() + (planned - steps_done) * step_seconds + self._eval_seconds()[0]
         learn.plan = dict(steps=planned, epochs=epochs, step_seconds=step_seconds, minutes=total / 60)
         if getattr(learn, "accelerator", None) is None or learn.accelerator.is_main_process:
             world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
             batch = find_bs(learn.xb) * self._accumulation() * world
-            print(f"plan: {planned} steps of batch {batch} ({planned / steps_per_epoch:.1f} epochs), "
+            print(f"{word}: {planned} steps of batch {batch} ({planned / per_epoch:.1f} epochs), "
                   f"{step_seconds:.3g} s a step: about {total / 60:.1f} of {self.seconds / 60:g} minutes", flush=True)
+
+    def after_train(self):
+        """Measure the pace since the plan again (the epoch's own costs now included) and shorten
+        the plan if its steps no longer fit."""
+        if self._planned_at is None or self.learn.planned_steps is None:
+            return  # no plan yet, or one restored from a checkpoint (this process's clock is newer)
+        elapsed0, steps0, eval_total0 = self._planned_at
+        steps = optimizer_steps(self.learn)
+        if steps >= self.learn.planned_steps or steps - steps0 < self.measure:
+            return
+        pace = (self._elapsed() - elapsed0 - (self._eval_seconds()[1] - eval_total0)) / (steps - steps0)
+        epoch_steps = steps - self.epoch_steps0
+        if time.time() - self.epoch_start <= self._elapsed() - elapsed0 and epoch_steps > 0:
+            # An epoch begun after the plan: its pace too, if slower (a machine that slows down).
+            pace = max(pace, (time.time() - self.epoch_start) / epoch_steps)
+        planned = self._steps_that_fit(pace, steps, self.learn.planned_steps)  # never longer than planned
+        if planned < self.learn.planned_steps:
+            self._set_plan(planned, pace, steps, "re-plan")
 
     # ---- guard ------------------------------------------------------------------------------
 

@@ -254,6 +254,10 @@ class StopAfter(Callback):
         if optimizer_steps(self.learn) >= self.steps:  # every micro-batch of the last step is done
             raise CancelFitException()
 
+    def after_fit(self):
+        "A later fit without this callback uses its own length (as TimeBudget leaves it)."
+        self.learn.planned_steps = None
+
 
 def peer_learner(method: str, dls, config: CARPConfig, peers: PeerSettings, accelerator, out: str, freeze_default: int, progress: bool):
     """A fastai Learner training ``method`` ('swav' or 'dino') with the recipe's optimizer and schedules."""

@@ -92,6 +92,22 @@ def test_a_machine_that_slows_down_gets_a_shorter_plan_that_still_completes(cloc
     assert f"re-plan: {plan['steps']} steps of batch 8" in capsys.readouterr().out
 
 
+def test_a_machine_that_speeds_up_gets_a_longer_plan_that_still_completes(clock, capsys):
+    budget_s, margin = 8.0, 0.125
+    # From batch 20 on every step takes half as long (the first steps were a pessimistic measure).
+    learn = toy_learner(SlowSteps(clock, slower=0.5, after=20), lr_schedule(),
+                        TimeBudget(minutes=budget_s / 60, margin=margin, warmup=2, measure=4, measure_seconds=0.25))
+    start = clock.now
+    learn.fit(1000)
+    plan = learn.plan
+    # At most all the steps that fit: 20 at STEP, then (budget less margin - 20 STEP) / (STEP / 2) = 184.
+    fit_all = 20 + (budget_s * (1 - margin) - 20 * STEP) / (STEP / 2)
+    assert 112 < plan["steps"] <= fit_all and learn.train_iter == plan["steps"] and learn.stopped_early is False
+    assert clock.now - start <= budget_s * (1 - margin)
+    assert learn.recorder.lrs[-1] == pytest.approx(0.1 / plan["steps"], rel=1e-6)  # the schedule still ends
+    assert f"re-plan: {plan['steps']} steps of batch 8" in capsys.readouterr().out
+
+
 def test_a_budget_larger_than_the_epochs_runs_them_exactly(clock):
     learn = toy_learner(SlowSteps(clock), TimeBudget(minutes=60, warmup=1, measure=2, measure_seconds=0.0), lr_schedule())
     learn.fit(3)

@@ -38,7 +38,7 @@ class TimeBudget(Callback):
     each epoch's training phase the pace since the plan (k-NN evaluations left out: they are
     reserved on their own), or that epoch's if slower, is measured again, and the plan is
     resized to the steps that fit at it (printed as ``re-plan: ...``): shortened whenever its
-    steps no longer fit, lengthened when 1 % more or at least one epoch's worth would fit. The
+    steps no longer fit, lengthened when 1 % more steps (or an epoch's, if fewer) would fit. The
     schedules then move by the steps added or taken off and still end where they should.
 
     The plan is kept in ``learn.plan`` (the numbers) and in the checkpoint, so a resumed run

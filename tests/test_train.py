@@ -75,7 +75,8 @@ def test_minutes_plan_the_whole_run_and_the_schedule_completes(tmp_path, capsys)
     budget_s = 40.0
     start = time.time()
     # Epochs of ~190 steps: after each one the pace is measured again, the loader's restart
-    # included, and a plan that no longer fits is shortened (the schedule still completes).
+    # included, and the plan resized to it (the schedule still completes). "plan: N" is also in
+    # the last "re-plan: N" line.
     summary = run_cli(tmp_path, "--epochs", "1000", "--minutes", str(budget_s / 60), "--knn-random-init", "--knn-every", "0",
                       "--batch-size", "16", "--global-batch", "16", "--base-lr", "2e-3", "--final-lr", "1e-4",
                       "--train-images", "3072", "--checkpoint-every", "100")

@@ -86,8 +86,8 @@ def auto_precision(device: torch.device) -> str:
 
 def auto_channels_last(device: torch.device, precision: str) -> bool:
     """channels_last by default where it pays: on CUDA, and on the CPU where oneDNN runs the
-    convolutions, in bf16 and in fp32 alike (the embedded default's step in fp32: 1.49x with
-    AVX-512, 1.1-1.3x with oneDNN held to AVX2; BENCHMARKS.md)."""
+    convolutions, in bf16 and in fp32 alike (the Learner's fp32 step: 1.20x with AVX-512,
+    1.18x with oneDNN held to AVX2; BENCHMARKS.md)."""
     return device.type == "cuda" or precision == "bf16" or (device.type == "cpu" and torch.backends.mkldnn.is_available())
 
 

@@ -83,7 +83,7 @@ class TimeBudget(Callback):
         self._fit_steps0, self._max_epochs = optimizer_steps(self.learn), self.learn.n_epoch
         plan = getattr(self.learn, "plan", None) if self.learn.train_iter > 0 else None
         self.learn.plan, self.learn.planned_steps = plan, None
-        self._planned_at = None  # (elapsed, steps, k-NN seconds) when this process planned
+        self._planned_at = None  # (time, steps, k-NN seconds so far) when this process planned
         if plan is not None:  # the schedules go on as first planned
             self.learn.planned_steps, self.learn.n_epoch = plan["steps"], plan["epochs"]
 
@@ -146,7 +146,7 @@ class TimeBudget(Callback):
     def _plan(self, step_seconds: float, steps_done: int) -> None:
         """Set ``learn.planned_steps`` and ``learn.n_epoch`` from the measured step time."""
         planned = self._steps_that_fit(step_seconds, steps_done, self._max_epochs * self._steps_per_epoch())
-        self._planned_at = (self._elapsed(), steps_done, self._eval_seconds()[1])
+        self._planned_at = (time.time(), steps_done, self._eval_seconds()[1])
         self._set_plan(planned, step_seconds, steps_done, "plan")
 
     def _set_plan(self, planned: int, step_seconds: float, steps_done: int, word: str) -> None:
@@ -166,15 +166,15 @@ class TimeBudget(Callback):
         plan to it: shorter if its steps no longer fit, longer if clearly more would."""
         if self._planned_at is None or self.learn.planned_steps is None:
             return  # no plan yet, or one restored from a checkpoint (this process's clock is newer)
-        elapsed0, steps0, eval_total0 = self._planned_at
-        steps = optimizer_steps(self.learn)
+        planned_time, steps0, eval_total0 = self._planned_at
+        steps, now = optimizer_steps(self.learn), time.time()
         if steps >= self.learn.planned_steps or steps - steps0 < self.measure:
             return
-        pace = (self._elapsed() - elapsed0 - (self._eval_seconds()[1] - eval_total0)) / (steps - steps0)
+        pace = (now - planned_time - (self._eval_seconds()[1] - eval_total0)) / (steps - steps0)
         epoch_steps = steps - self.epoch_steps0
-        if time.time() - self.epoch_start <= self._elapsed() - elapsed0 and epoch_steps > 0:
+        if self.epoch_start >= planned_time and epoch_steps > 0:
             # An epoch begun after the plan: its pace too, if slower (a machine that slows down).
-            pace = max(pace, (time.time() - self.epoch_start) / epoch_steps)
+            pace = max(pace, (now - self.epoch_start) / epoch_steps)
         planned = self._steps_that_fit(pace, steps, self._max_epochs * self._steps_per_epoch())
         current = self.learn.planned_steps
         if planned < current or planned >= current + max(1, min(self._steps_per_epoch(), math.ceil(0.01 * current))):
@@ -190,7 +190,8 @@ class TimeBudget(Callback):
         seconds = time.time() - self.epoch_start
         self.longest = max(self.longest, seconds)
         next_epoch = self.longest  # without a plan: as long as the longest so far
-        steps, epoch_steps = optimizer_steps(learn), optimizer_steps(learn) - self.epoch_steps0
+        steps = optimizer_steps(learn)
+        epoch_steps = steps - self.epoch_steps0
         if learn.planned_steps is not None and epoch_steps > 0:  # the steps left in it at this epoch's pace
             next_epoch = min(epoch_steps, learn.planned_steps - steps) * seconds / epoch_steps
         overrun = learn.epoch < learn.n_epoch - 1 and self._elapsed() + next_epoch > self.seconds

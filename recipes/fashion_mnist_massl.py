@@ -13,9 +13,8 @@ from carp_fast.recipes.fashion_mnist import DEFAULTS as CARP
 from carp_fast.recipes.in1k_massl import main as run_massl
 
 # CARP's data, crops, time budget and monitoring; its prototype and optimiser settings do not apply.
-SHARED = ("data", "local_crops", "global_scale", "local_scale", "blur_sigma", "eval_size",
-          "eval_resize", "minutes", "knn_bank", "workers", "knn_every", "knn_random_init", "log_every", "arch",
-          "hidden_dim", "embed_dim")
+SHARED = ("data", "local_crops", "global_scale", "local_scale", "blur_sigma", "minutes", "knn_bank", "workers",
+          "knn_every", "knn_random_init", "log_every", "arch", "hidden_dim", "embed_dim")
 
 DEFAULTS = {
     **{k: CARP[k] for k in SHARED},
@@ -25,6 +24,8 @@ DEFAULTS = {
     # fewer on a slower machine).
     "global_size": 28,
     "local_size": 14,
+    "eval_size": 28,  # whole images at the crops' scale (CARP's 16 px crops are evaluated at 18 px)
+    "eval_resize": None,
     "epochs": 4,
     "train_images": 16_384,
     "batch_size": 256,

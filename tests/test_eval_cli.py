@@ -84,6 +84,26 @@ def test_knn_end_to_end(tmp_path, checkpoint, image_folder, capsys, backend):
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # train and test features
 
 
+@pytest.mark.parametrize("trained_on_this_data", [True, False])
+def test_the_view_defaults_to_the_one_the_run_evaluated_with(tmp_path, image_folder, trained_on_this_data):
+    """A project checkpoint names the run's eval size and resize (the embedded default: 28 px
+    images shrunk to 18 px); without --size / --resize, the CLI measures that view when the
+    checkpoint was trained on --data, and the data set's defaults otherwise."""
+    torch.manual_seed(0)
+    path = tmp_path / "checkpoint.pth"
+    data = str(image_folder) if trained_on_this_data else str(tmp_path / "other")
+    settings = {"arch": "resnet18_small", "data": data, "eval_size": 12, "eval_resize": 14}
+    torch.save({"model": _StudentTeacher().state_dict(), "settings": settings}, path)
+    out = tmp_path / "knn.json"
+    assert _run(tmp_path, "knn", "--checkpoint", str(path), "--data", str(image_folder), "--k", "1", "--out", str(out)) == 0
+    view = {key: json.loads(out.read_text())["settings"][key] for key in ("size", "resize")}
+    assert view == ({"size": 12, "resize": 14} if trained_on_this_data else {"size": 224, "resize": 256})
+    # --size (or --resize) given: the command line's view, whatever the checkpoint says.
+    assert _run(tmp_path, "knn", "--checkpoint", str(path), "--data", str(image_folder), "--size", "16",
+                "--k", "1", "--out", str(out)) == 0  # fmt: skip
+    assert json.loads(out.read_text())["settings"]["size"] == 16
+
+
 def test_second_run_reads_the_cache(tmp_path, checkpoint, image_folder, monkeypatch):
     args = ["knn", "--checkpoint", str(checkpoint), "--data", str(image_folder),
             "--size", "16", "--resize", "16", "--k", "3", "--out", str(tmp_path / "a.json")]  # fmt: skip

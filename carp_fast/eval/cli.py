@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -68,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--arch", default=None, help="backbone architecture; default: the checkpoint's config, else resnet50")
     g.add_argument("--trust-checkpoint", action="store_true", help="unpickle arbitrary objects in the checkpoint (only for files you trust)")
     g = common.add_argument_group("extraction")
-    g.add_argument("--size", type=int, default=None, help="image side fed to the backbone (default 28 for fashion-mnist, 224 otherwise)")
-    g.add_argument("--resize", type=int, default=None, help="short side before the centre crop (default: none for 28 px fashion-mnist, 256 otherwise)")
+    g.add_argument("--size", type=int, default=None, help="image side fed to the backbone (default: what the checkpoint's run evaluated with on this data, else 28 for fashion-mnist, 224 otherwise)")
+    g.add_argument("--resize", type=int, default=None, help="short side before the centre crop (default: the checkpoint's run's, else none for 28 px fashion-mnist, 256 otherwise)")
     g.add_argument("--batch-size", type=int, default=256, help="images per extraction batch; lower it if memory runs out")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on with CUDA)")
@@ -360,6 +361,34 @@ def _checkpoint_arch(path: str, trust: bool) -> str:
     return infer_arch(read_checkpoint(path, weights_only=not trust, mmap=True))
 
 
+def _trained_view(args: argparse.Namespace) -> tuple[int, int | None] | None:
+    """``(eval_size, eval_resize)`` of the run that wrote ``--checkpoint``, when it was trained
+    on ``--data`` and names them (this project's checkpoints), so that the CLI measures what the
+    run printed: the embedded default evaluates whole 28 px images shrunk to 18 px. None
+    otherwise (then the data set's defaults apply)."""
+    from .checkpoints import read_checkpoint
+
+    try:
+        checkpoint = read_checkpoint(args.checkpoint, weights_only=not args.trust_checkpoint, mmap=True)
+    except ValueError:
+        return None  # not a torch checkpoint (a safetensors export): loading the weights will say so
+    settings = checkpoint.get("settings") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(settings, Mapping) or not isinstance(settings.get("eval_size"), int):
+        return None
+    if not _same_data(settings.get("data"), args.data):
+        return None
+    return settings["eval_size"], settings.get("eval_resize")
+
+
+def _same_data(trained_on: Any, data: str) -> bool:
+    """Whether a run's ``--data`` and this command's name the same data set (a name or a folder)."""
+    if not isinstance(trained_on, str):
+        return False
+    if trained_on == data:
+        return True
+    return "fashion-mnist" not in (trained_on, data) and Path(trained_on).resolve() == Path(data).resolve()
+
+
 def _features(args: argparse.Namespace, split: str, settings: dict, make_batches: Callable,
               wrap: Callable | None = None):
     """Cached features of one split; ``wrap(backbone)`` builds the model (e.g. multi-scale)."""
@@ -387,9 +416,13 @@ def _labelled_features(args: argparse.Namespace, subset_file: Path | None = None
     """:class:`Features` of the ``splits`` of ``--data`` (train: only the images of
     ``subset_file`` when given)."""
     small = args.data == "fashion-mnist"
-    size = args.size or (28 if small else 224)
-    # Fashion-MNIST is 28 px: no resize unless another size is asked for (None = none).
-    resize = args.resize or ((None if size == 28 else size) if small else 256)
+    trained_view = None if args.size or args.resize else _trained_view(args)
+    if trained_view is not None:  # the view the checkpoint's own run evaluated with
+        size, resize = trained_view
+    else:
+        size = args.size or (28 if small else 224)
+        # Fashion-MNIST is 28 px: no resize unless another size is asked for (None = none).
+        resize = args.resize or ((None if size == 28 else size) if small else 256)
     settings = _extraction_settings(args, data=args.data, size=size, resize=resize)
     args.settings = settings
     out = []

@@ -363,9 +363,9 @@ def _checkpoint_arch(path: str, trust: bool) -> str:
 
 def _trained_view(args: argparse.Namespace) -> tuple[int, int | None] | None:
     """``(eval_size, eval_resize)`` of the run that wrote ``--checkpoint``, when it was trained
-    on ``--data`` and names them (this project's checkpoints), so that the CLI measures what the
-    run printed: the embedded default evaluates whole 28 px images shrunk to 18 px. None
-    otherwise (then the data set's defaults apply)."""
+    on ``--data`` and names them (this project's checkpoints), so that the CLI measures on the
+    view the run's own k-NN used: the embedded default's is whole 28 px images shrunk to 18 px.
+    None otherwise (then the data set's defaults apply)."""
     from .checkpoints import read_checkpoint
 
     try:

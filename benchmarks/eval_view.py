@@ -20,20 +20,11 @@ from rich.console import Console
 from rich.table import Table
 
 from carp_fast.eval.checkpoints import load_backbone
-from carp_fast.eval.features import extract_features
-from carp_fast.eval.knn import knn_accuracy
+from carp_fast.eval.knn import loader_knn
 from carp_fast.eval.pixels import raw_pixel_knn
 from carp_fast.pipelines import eval_loader
 from carp_fast.recipes.fashion_mnist import DEFAULTS
 from carp_fast.run import open_sources, parse_settings
-
-
-def teacher_knn(checkpoint: Path, bank, queries, k: int = 20) -> float:
-    """k-NN top-1 (percent) of the checkpoint's teacher backbone, on the CPU in fp32."""
-    backbone = load_backbone(checkpoint, which="teacher")
-    train = extract_features(backbone, bank, device="cpu", progress=False)
-    test = extract_features(backbone, queries, device="cpu", progress=False)
-    return knn_accuracy(train.features, train.labels, test.features, test.labels, k=k).top1
 
 
 def main() -> None:
@@ -57,7 +48,7 @@ def main() -> None:
                   device="cpu", workers=settings.workers)
         bank, queries = eval_loader(sources.bank, **kw), eval_loader(sources.queries, **kw)
         row = [str(size), f"{raw_pixel_knn(bank, queries, k=20).top1:.2f}"]
-        row += [f"{teacher_knn(path, bank, queries):.2f}" for path in args.checkpoints]
+        row += [f"{loader_knn(load_backbone(path), bank, queries, k=20, device='cpu').top1:.2f}" for path in args.checkpoints]
         table.add_row(*row)
         print(" | ".join(row), flush=True)  # a Markdown-ready line as each size finishes
     Console().print(table)

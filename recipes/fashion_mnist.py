@@ -51,7 +51,7 @@ DEFAULTS = dict(
     # Monitoring
     # The whole 28 px image shrunk to 18 px: a 16 px crop of 30-100 % of the image shows it at
     # 0.57-1.04 of its size, so the evaluation shows it at such a scale too (the train-test
-    # resolution discrepancy of FixRes, Touvron et al. 2019). 18 px beat 28 px by 0.7-1.7 points
+    # resolution discrepancy of FixRes, Touvron et al. 2019). 18 px beat 28 px by 0.6-1.7 points
     # on every trained run; the raw pixels gain 0.35 (83.26 %; 83.5 % at 20 px, their best).
     eval_size=18,
     eval_resize=18,

@@ -130,13 +130,14 @@ class TimeBudget(Callback):
     def _steps_per_epoch(self) -> int:
         return max(1, self.learn.n_iter // self._accumulation())
 
-    def _steps_that_fit(self, step_seconds: float, steps_done: int, most: int) -> int:
-        """The optimizer steps (``steps_done`` included, at most ``most``) after which the fit ends,
-        its k-NN evaluations included, inside the budget less its margin, at ``step_seconds`` a step."""
+    def _steps_that_fit(self, step_seconds: float, steps_done: int) -> int:
+        """The optimizer steps (``steps_done`` included, at most those of ``fit``'s epochs) after
+        which the fit ends, its k-NN evaluations included, inside the budget less its margin, at
+        ``step_seconds`` a step."""
         per_epoch, monitor = self._steps_per_epoch(), self._monitor()
         eval_seconds = self._eval_seconds()[0]
         left = self.seconds * (1 - self.margin) - self._elapsed() - eval_seconds  # the last evaluation
-        planned = min(most, steps_done + max(0, math.floor(left / step_seconds)))
+        planned = min(self._max_epochs * per_epoch, steps_done + max(0, math.floor(left / step_seconds)))
         if monitor is not None and eval_seconds:  # and the ones due before it, from this epoch on
             last = math.ceil(planned / per_epoch) - 1
             evaluations = sum((epoch + 1) % monitor.every == 0 for epoch in range(self.learn.epoch, last))
@@ -145,7 +146,7 @@ class TimeBudget(Callback):
 
     def _plan(self, step_seconds: float, steps_done: int) -> None:
         """Set ``learn.planned_steps`` and ``learn.n_epoch`` from the measured step time."""
-        planned = self._steps_that_fit(step_seconds, steps_done, self._max_epochs * self._steps_per_epoch())
+        planned = self._steps_that_fit(step_seconds, steps_done)
         self._planned_at = (time.time(), steps_done, self._eval_seconds()[1])
         self._set_plan(planned, step_seconds, steps_done, "plan")
 
@@ -175,7 +176,7 @@ class TimeBudget(Callback):
         if self.epoch_start >= planned_time and epoch_steps > 0:
             # An epoch begun after the plan: its pace too, if slower (a machine that slows down).
             pace = max(pace, (now - self.epoch_start) / epoch_steps)
-        planned = self._steps_that_fit(pace, steps, self._max_epochs * self._steps_per_epoch())
+        planned = self._steps_that_fit(pace, steps)
         current = self.learn.planned_steps
         if planned < current or planned >= current + max(1, min(self._steps_per_epoch(), math.ceil(0.01 * current))):
             self._set_plan(planned, pace, steps, "re-plan")

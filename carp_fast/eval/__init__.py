@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 
-from .knn import KNNResult, knn_accuracies, knn_accuracy, knn_classify
+from .knn import KNNResult, knn_accuracies, knn_accuracy, knn_classify, loader_knn
 
 # name -> submodule that defines it; imported on first attribute access (PEP 562).
 _LAZY = {
@@ -50,7 +50,7 @@ _LAZY = {
     "voc_ap": "voc",
 }
 
-__all__ = ["KNNResult", "knn_accuracies", "knn_accuracy", "knn_classify", *_LAZY]
+__all__ = ["KNNResult", "knn_accuracies", "knn_accuracy", "knn_classify", "loader_knn", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -18,7 +18,7 @@ training loop's k-NN monitor imports it.
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -235,3 +235,27 @@ def _vote(
     weights = (sims / temperature).exp()  # [chunk, k]
     scores = torch.zeros(len(sims), num_classes, dtype=sims.dtype, device=sims.device)
     return scores.scatter_add_(1, neighbour_labels, weights)
+
+
+def loader_knn(
+    model: torch.nn.Module,
+    bank: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    queries: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    k: int = 20,
+    temperature: float = TEMPERATURE,
+    device: torch.device | str | None = None,
+) -> KNNResult:
+    """:func:`knn_accuracy` of ``model``'s features: each image of ``queries`` voted on by the
+    labelled ``bank`` (loaders of ``(images [N, 3, S, S], labels [N])``), k at most the bank's size.
+
+    ``model`` maps images to features ``[N, D]`` (a backbone, or ``nn.Flatten()`` for the raw
+    pixels); it runs in eval mode on ``device`` (default: CUDA when available), as in
+    :func:`~carp_fast.eval.features.extract_features`.
+    """
+    from .features import extract_features
+
+    train = extract_features(model, bank, device=device, progress=False)
+    test = extract_features(model, queries, device=device, progress=False)
+    return knn_accuracy(train.features, train.labels, test.features, test.labels,
+                        k=min(k, len(train.labels)), temperature=temperature)

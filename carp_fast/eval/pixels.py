@@ -6,8 +6,7 @@ from typing import Iterable
 
 import torch
 
-from .features import extract_features
-from .knn import TEMPERATURE, KNNResult, knn_accuracy
+from .knn import TEMPERATURE, KNNResult, loader_knn
 
 
 def raw_pixel_knn(
@@ -28,8 +27,4 @@ def raw_pixel_knn(
         bank, queries: labelled loaders of ``(images, labels)`` (the k-NN monitor's).
         k, temperature: the vote's k and T (k at most the bank's size, as the k-NN monitor).
     """
-    flatten = torch.nn.Flatten()
-    bank_pixels = extract_features(flatten, bank, device="cpu", progress=False)
-    query_pixels = extract_features(flatten, queries, device="cpu", progress=False)
-    return knn_accuracy(bank_pixels.features, bank_pixels.labels, query_pixels.features, query_pixels.labels,
-                        k=min(k, len(bank_pixels.labels)), temperature=temperature)
+    return loader_knn(torch.nn.Flatten(), bank, queries, k=k, temperature=temperature, device="cpu")

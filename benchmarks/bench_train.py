@@ -178,16 +178,25 @@ def time_steps(step: Callable, crops: Sequence[Tensor], n_steps: int, device: to
 
 
 def time_logit_paths(n_rows: int, n_student: int, n_teacher: int, dim: int, n_prototypes: int, block_size: int,
-                     device: torch.device, steps: int, repeats: int) -> dict:
+                     device: torch.device, steps: int, repeats: int, precision: str = "fp32") -> dict:
     """Prototype logits + loss, forward and backward, alone: block logits from the permuted
     prototype matrix (ours) against full ``[N, K]`` logits gathered per view (the paper).
+
+    Under bf16 every path runs in bf16 autocast, as a training step does; ours computes its
+    block logits in float32 there (issue 19), and a third path, ``block_bf16``, is the same
+    with the matmul left to autocast (bf16), as carp_fast did before: their ratio is the cost
+    of float32 logits.
 
     Args:
         n_rows: N images per view; ``z`` is ``[V_s*N, D]`` with grad, ``w`` ``[V_t*N, D]``.
 
     Returns:
-        milliseconds per pass (median over repeats) of ``block`` and ``gather`` and their ratio.
+        milliseconds per pass (median over repeats) of each path and their ratios.
     """
+    import contextlib
+
+    import torch.nn.functional as F
+
     from carp_fast.networks import Prototypes
 
     gen = torch.Generator().manual_seed(1)
@@ -210,7 +219,25 @@ def time_logit_paths(n_rows: int, n_student: int, n_teacher: int, dim: int, n_pr
             targets = [blocks_by_gather(x, perm, block_size) for x in protos(w).chunk(n_teacher)]
         baseline_loss(preds, targets).backward()
 
+    def block_bf16(_):  # the block logits before issue 19: the matmul in autocast's bf16
+        rows = F.normalize(protos.weight.index_select(0, partition.flatten()), dim=1)
+        s = (z @ rows.t()).view(n_student, n_rows, *partition.shape)
+        with torch.no_grad():
+            t = (w @ rows.t()).view(n_teacher, n_rows, *partition.shape)
+        carp_block_loss(s, t).total.backward()
+
     paths = {"block": block, "gather": gather}
+    if precision == "bf16":
+        paths["block_bf16"] = block_bf16
+
+    def under_precision(fn):
+        def run(batch):
+            context = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+            with context:
+                fn(batch)
+        return run
+
+    paths = {name: under_precision(fn) for name, fn in paths.items()}
     for fn in paths.values():
         fn(None)
     times = {name: [] for name in paths}
@@ -218,7 +245,11 @@ def time_logit_paths(n_rows: int, n_student: int, n_teacher: int, dim: int, n_pr
         for name in rotated(list(paths), r):
             times[name].append(time_steps(paths[name], [], steps, device))
     ms = {name: round(statistics.median(t) * 1000, 3) for name, t in times.items()}
-    return {**{f"{k}_ms": v for k, v in ms.items()}, "gather_over_block": round(ms["gather"] / ms["block"], 3)}
+    result = {**{f"{k}_ms": v for k, v in ms.items()}, "gather_over_block": round(ms["gather"] / ms["block"], 3),
+              "precision": precision}
+    if "block_bf16" in ms:
+        result["block_over_block_bf16"] = round(ms["block"] / ms["block_bf16"], 3)
+    return result
 
 
 def _paired(reference: list[float], ours: list[float]) -> float:
@@ -346,7 +377,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     if args.logit_bench:
         n_rows = args.logit_batch_size or args.batch_size
         result["logit_path"] = {"batch_size": n_rows, **time_logit_paths(n_rows, len(crops), args.global_crops, args.embed_dim,
-                                                args.prototypes, args.block_size, device, args.steps, args.repeats)}
+                                                args.prototypes, args.block_size, device, args.steps, args.repeats,
+                                                precision)}
     result |= {
         "arch": args.arch, "batch_size": args.batch_size, "global_crops": args.global_crops,
         "global_size": args.global_size, "local_crops": args.local_crops, "local_size": args.local_size,

@@ -1,7 +1,7 @@
 """carp_fast: high-throughput CARP self-supervised training (fastai + Accelerate + DALI).
 
 Public API:
-    carp_fast.loss        random_partition, carp_loss, carp_block_loss, CARPLoss, CARPLossParts
+    carp_fast.loss        random_partition, carp_loss, carp_block_loss, CARPLoss, CARPLossParts, BlockLogits
     carp_fast.networks    StudentTeacher, CARPNetwork, ProjectionHead, Prototypes, CARPOutput
     carp_fast.backbones   build_backbone
     carp_fast.lars        LARS
@@ -11,12 +11,12 @@ Public API:
 """
 
 from .backbones import build_backbone
-from .loss import CARPLoss, CARPLossParts, carp_block_loss, carp_loss, random_partition
+from .loss import BlockLogits, CARPLoss, CARPLossParts, carp_block_loss, carp_loss, random_partition
 from .networks import CARPNetwork, CARPOutput, Prototypes, ProjectionHead, StudentTeacher
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CARPLoss", "CARPLossParts", "CARPNetwork", "CARPOutput", "Prototypes", "ProjectionHead", "StudentTeacher",
+    "BlockLogits", "CARPLoss", "CARPLossParts", "CARPNetwork", "CARPOutput", "Prototypes", "ProjectionHead", "StudentTeacher",
     "build_backbone", "carp_block_loss", "carp_loss", "random_partition",
 ]

@@ -15,7 +15,7 @@ Per block, a view's probabilities are ``softmax(logits[..., block])`` (no temper
 ``s`` student and ``t`` teacher probabilities ``[V, N, P, B]``:
 
     consistency = mean over pairs (i, j), i != j, over N and P of -log clamp(<s_i, t_j>, eps, 1-eps)
-    entropy     = mean over P of KL(pbar_p || uniform) = log B + sum_b pbar_pb log pbar_pb
+    entropy     = mean over P of KL(pbar_p || uniform) = log B + sum_b pbar_pb log clamp(pbar_pb, eps, 1-eps)
     total       = consistency + entropy
 
 where ``pbar`` ``[P, B]`` averages the student and (detached) teacher probabilities over all
@@ -39,6 +39,30 @@ class CARPLossParts(NamedTuple):
     consistency: Tensor
     entropy: Tensor
     total: Tensor
+
+
+class _BlockLogitsFields(NamedTuple):
+    student: Tensor  # [V_s, N, P, B] student block logits
+    teacher: Tensor  # [V_t, N, P, B] teacher block logits (no gradient)
+    partition: Tensor  # [P, B] the step's partition of the prototypes (or memory slots)
+
+
+class BlockLogits(_BlockLogitsFields):
+    """What a method's network returns for one step: ``student``, ``teacher``, ``partition``.
+
+    One type for CARP (``carp_fast.networks.CARPOutput``) and MaSSL
+    (``carp_fast.massl.MaSSLOutput``), both names of this class. Also built from one
+    iterable of the three fields, because fastai's ``apply`` (used by ``to_float`` in
+    ``MixedPrecision.after_pred``, ``to_device``, ``to_detach``) rebuilds a tuple as
+    ``type(x)([...])``, which a plain NamedTuple refuses.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, *fields, **named):
+        if len(fields) == 1 and not named:
+            fields = tuple(fields[0])
+        return super().__new__(cls, *fields, **named)
 
 
 def _distributed() -> bool:
@@ -144,8 +168,8 @@ def carp_loss(
             here, they are targets.
         partition: LongTensor ``[P, B]`` of distinct prototype indices, e.g. from
             :func:`random_partition`.
-        eps: clamp for the dot products; defaults to the machine epsilon of the dtype in
-            which the probabilities are computed (float32 for half inputs).
+        eps: clamp of the dot products and of the entropy's log; defaults to the machine
+            epsilon of the dtype in which the probabilities are computed (float32 for half inputs).
 
     Returns:
         :class:`CARPLossParts` of scalars.
@@ -187,7 +211,8 @@ def carp_block_loss(
     Args:
         student_block_logits: ``[V_s, N, P, B]``, global crops first.
         teacher_block_logits: ``[V_t, N, P, B]``, the global crops; detached here.
-        eps: clamp for the dot products; defaults to the probabilities' machine epsilon.
+        eps: clamp of the dot products and of the entropy's log; defaults to the
+            probabilities' machine epsilon.
 
     Returns:
         :class:`CARPLossParts` of scalars.
@@ -234,8 +259,11 @@ def _block_loss(student_block_logits: Tensor, teacher_block_logits: Tensor, eps:
         count = count * dist.get_world_size()
     pbar = prob_sum / count  # [P, B]
     block_size = pbar.shape[-1]
-    # xlogy: 0 * log 0 = 0 for a prototype no view touches.
-    kl_to_uniform = math.log(block_size) + torch.special.xlogy(pbar, pbar).sum(-1)  # [P]
+    # p log clamp(p), as the official code: 0 for a prototype no view touches, and a finite
+    # gradient there (log eps). xlogy(p, p) has the same value but a NaN gradient at p = 0,
+    # which float32 reaches when a prototype's logit is ~104 below its block's maximum in
+    # every row; the NaN then fills the block's whole gradient.
+    kl_to_uniform = math.log(block_size) + (pbar * pbar.clamp(eps, 1 - eps).log()).sum(-1)  # [P]
     entropy = kl_to_uniform.mean()
     return CARPLossParts(consistency, entropy, consistency + entropy)
 
@@ -243,7 +271,7 @@ def _block_loss(student_block_logits: Tensor, teacher_block_logits: Tensor, eps:
 class CARPLoss:
     """fastai ``loss_func``: ``CARPLoss()(pred, *yb)`` returns the total CARP loss.
 
-    ``pred`` is a :class:`carp_fast.networks.CARPOutput` (block logits of one partition);
+    ``pred`` is a :class:`BlockLogits` (``CARPOutput``: block logits of one partition);
     labels in ``yb`` are ignored (self-supervised). The detached terms of the last call stay
     in ``self.parts`` for logging callbacks, without a host synchronisation.
     """

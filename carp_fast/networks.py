@@ -13,7 +13,7 @@ B prototypes per block.
 from __future__ import annotations
 
 import copy
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backbones import build_backbone
+from .loss import BlockLogits
 from .partition import PartitionSampler
 
 
@@ -75,7 +76,10 @@ class Prototypes(nn.Module):
     """K prototypes, each a unit vector: ``logits = z @ normalize(weight).T``.
 
     Equivalent to ``weight_norm(nn.Linear(D, K, bias=False))`` with ``weight_g`` fixed to
-    1; ``weight`` ``[K, D]`` stores the directions.
+    1; ``weight`` ``[K, D]`` stores the directions. Logits are float32 (float64 for float64
+    inputs) whatever the autocast: under bf16 the head's gradients were 0.9-4 % off a
+    float32 forward; the product is ``[M, D] @ [D, K]`` with D = 256, a small share of a
+    step (BENCHMARKS.md, "block logits in float32").
     """
 
     def __init__(self, dim: int, n_prototypes: int):
@@ -88,8 +92,8 @@ class Prototypes(nn.Module):
         return self.weight.shape[0]
 
     def forward(self, z: Tensor) -> Tensor:
-        """All logits: ``[M, D] -> [M, K]``."""
-        return z @ F.normalize(self.weight, dim=1).t()
+        """All logits: ``[M, D] -> [M, K]``, float32 at least."""
+        return _full_precision_matmul(z, F.normalize(self.weight, dim=1).t())
 
     def block_logits(self, z: Tensor, partition: Tensor) -> Tensor:
         """Logits arranged by partition block: ``[M, D], [P, B] -> [M, P, B]``.
@@ -98,8 +102,15 @@ class Prototypes(nn.Module):
         logits: one matmul, and no gather of the largest tensor of the step.
         """
         n_blocks, block_size = partition.shape
-        rows = F.normalize(self.weight.index_select(0, partition.flatten()), dim=1)  # [P*B, D]
-        return (z @ rows.t()).view(-1, n_blocks, block_size)
+        rows = F.normalize(self.weight.index_select(0, partition.flatten()), dim=1)  # [P*B, D], float32
+        return _full_precision_matmul(z, rows.t()).view(-1, n_blocks, block_size)
+
+
+def _full_precision_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` in float32 at least (float64 stays), with autocast off: ``[M, D], [D, K] -> [M, K]``."""
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    with torch.autocast(a.device.type, enabled=False):
+        return a.to(dtype) @ b.to(dtype)
 
 
 class CARPNetwork(nn.Module):
@@ -125,26 +136,7 @@ class CARPNetwork(nn.Module):
         return self.head(torch.cat(features))
 
 
-class _CARPOutputFields(NamedTuple):
-    student: Tensor  # [V_s, N, P, B] student block logits
-    teacher: Tensor  # [V_t, N, P, B] teacher block logits (no gradient)
-    partition: Tensor  # [P, B] the step's partition of the prototypes
-
-
-class CARPOutput(_CARPOutputFields):
-    """What :class:`StudentTeacher` returns for one step: ``student``, ``teacher``, ``partition``.
-
-    Also built from one iterable of the three fields, because fastai's ``apply`` (used by
-    ``to_float`` in ``MixedPrecision.after_pred``, ``to_device``, ``to_detach``) rebuilds a
-    tuple as ``type(x)([...])``, which a plain NamedTuple refuses.
-    """
-
-    __slots__ = ()
-
-    def __new__(cls, *fields, **named):
-        if len(fields) == 1 and not named:
-            fields = tuple(fields[0])
-        return super().__new__(cls, *fields, **named)
+CARPOutput = BlockLogits  # what StudentTeacher returns; the one output type of every method
 
 
 class StudentTeacher(nn.Module):

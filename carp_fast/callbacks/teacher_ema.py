@@ -33,9 +33,9 @@ class TeacherEMA(Callback):
     """Updates the teacher from the student after each optimizer step.
 
     The momentum follows :func:`teacher_momentum` over the fit's progress
-    (:func:`~carp_fast.callbacks.schedule.step_progress`: step s of S at s / S, as the official
-    per-iteration schedule, so the last step sits just below 1.0); the value of the
-    last update is kept in ``learn.teacher_momentum``.
+    (:func:`~carp_fast.callbacks.schedule.step_progress`: the official per-micro-batch schedule
+    read at the micro-batch that steps, so the last step sits just below 1.0); the value of
+    the last update is kept in ``learn.teacher_momentum``.
 
     Args:
         base: momentum at the start of the fit (paper: 0.99).

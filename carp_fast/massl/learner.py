@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from fastai.callback.schedule import SchedCos, SchedLin, combine_scheds
+from fastai.callback.schedule import SchedCos, sched_cos
 from fastai.optimizer import OptimWrapper
 
 from ..callbacks.precision import PRECISIONS
-from ..callbacks.schedule import OptimizerStepScheduler
+from ..callbacks.schedule import OptimizerStepScheduler, schedule_length
 from ..callbacks.teacher_ema import TeacherEMA
 from ..learner import CARPConfig, CARPLearner, build_learner, setting
 from ..partition import PARTITION_MODES
@@ -129,27 +129,27 @@ def decay_groups(model: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
 class MaSSLSchedules(OptimizerStepScheduler):
     """The lr (linear warm-up in epochs, then cosine) and weight-decay (cosine) schedules.
 
-    Built at the start of the fit, when its length in epochs is known; per optimizer step
-    as CARP's. The second parameter group (biases, 1-d) keeps weight decay 0.
+    Per optimizer step as CARP's. The warm-up is the official ``np.linspace(0, peak, W)``
+    over its ``W = warmup_epochs x micro-batches per epoch`` iterations, so its last
+    iteration has the peak. The second parameter group (biases, 1-d) keeps weight decay 0.
     """
 
     name = "massl_schedules"
 
     def __init__(self, config: MaSSLConfig):
         self.config = config
-        super().__init__({})
+        wd = SchedCos(config.weight_decay, config.final_weight_decay)
+        super().__init__({"lr": self.learning_rate, "wd": lambda pct: [wd(pct), 0.0]})  # one value per parameter group
 
-    def before_fit(self):
-        "Build the schedules for this fit's length."
+    def learning_rate(self, pct: float) -> float:
+        """The official ``cosine_scheduler`` with warm-up, at progress ``pct`` of :func:`step_progress`."""
         c, peak = self.config, self.config.peak_lr()
-        warmup = min(c.warmup_epochs / self.learn.n_epoch, 1.0)
-        lr = SchedCos(peak, c.final_lr)
-        if warmup > 0:
-            lr = combine_scheds([warmup, 1 - warmup], [SchedLin(0.0, peak), lr])
-        wd = SchedCos(c.weight_decay, c.final_weight_decay)
-        self.scheds = {"lr": lr, "wd": lambda pct: [wd(pct), 0.0]}  # one value per parameter group
-        super().before_fit()
-
+        total = schedule_length(self.learn)  # T micro-batches
+        it = round(pct * total)  # the micro-batch index that pct stands for
+        warmup = min(round(c.warmup_epochs * self.learn.n_iter), total)  # W
+        if it < warmup:
+            return peak * it / (warmup - 1) if warmup > 1 else 0.0  # np.linspace(0, peak, W)[it]
+        return sched_cos(peak, c.final_lr, (it - warmup) / max(total - warmup, 1))
 
 def massl_learner(dls, config: MaSSLConfig, *, accelerator=None, cbs=None, path: str = ".", progress: bool = True, model=None):
     """A fastai Learner that trains MaSSL on ``dls``; the counterpart of ``carp_learner``.

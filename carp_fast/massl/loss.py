@@ -18,23 +18,16 @@ spread (paper section 3). Teacher probabilities are targets (detached).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..loss import check_block_logits
+from ..loss import BlockLogits, check_block_logits
 
 STUDENT_TEMPERATURE = 0.1  # tau_s (paper and official default)
 
 
-class MaSSLOutput(NamedTuple):
-    """What :class:`carp_fast.massl.networks.MaSSLStudentTeacher` returns for one step."""
-
-    student: Tensor  # [V_s, N, P, B] cosine similarities of the student views to the memory blocks
-    teacher: Tensor  # [V_t, N, P, B] the same for the teacher's global views (no gradient)
-    partition: Tensor  # [P, B] the step's partition of the memory slots
+MaSSLOutput = BlockLogits  # what MaSSLStudentTeacher returns: the same type as CARP's (fastai rebuilds it)
 
 
 def massl_block_loss(

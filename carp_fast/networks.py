@@ -77,9 +77,9 @@ class Prototypes(nn.Module):
 
     Equivalent to ``weight_norm(nn.Linear(D, K, bias=False))`` with ``weight_g`` fixed to
     1; ``weight`` ``[K, D]`` stores the directions. Logits are float32 (float64 for float64
-    inputs) whatever the autocast: under bf16 the head's gradients were 0.9-4 % off a
-    float32 forward; the product is ``[M, D] @ [D, K]`` with D = 256, a small share of a
-    step (BENCHMARKS.md, "block logits in float32").
+    inputs) whatever the autocast: bf16 logits put the head's gradients 0.9-4 % off a
+    float32 forward (issue 19). The cost, ``[M, D] @ [D, K]`` with D = 256: BENCHMARKS.md,
+    "Issue 19" (1.41x the bf16 logit path on a CPU).
     """
 
     def __init__(self, dim: int, n_prototypes: int):
@@ -93,7 +93,7 @@ class Prototypes(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         """All logits: ``[M, D] -> [M, K]``, float32 at least."""
-        return _full_precision_matmul(z, F.normalize(self.weight, dim=1).t())
+        return full_precision_matmul(z, F.normalize(self.weight, dim=1).t())
 
     def block_logits(self, z: Tensor, partition: Tensor) -> Tensor:
         """Logits arranged by partition block: ``[M, D], [P, B] -> [M, P, B]``.
@@ -103,11 +103,14 @@ class Prototypes(nn.Module):
         """
         n_blocks, block_size = partition.shape
         rows = F.normalize(self.weight.index_select(0, partition.flatten()), dim=1)  # [P*B, D], float32
-        return _full_precision_matmul(z, rows.t()).view(-1, n_blocks, block_size)
+        return full_precision_matmul(z, rows.t()).view(-1, n_blocks, block_size)
 
 
-def _full_precision_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` in float32 at least (float64 stays), with autocast off: ``[M, D], [D, K] -> [M, K]``."""
+def full_precision_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` in float32 at least (float64 stays), with autocast off: ``[M, D], [D, K] -> [M, K]``.
+
+    The logits of every method (CARP's prototypes, MaSSL's memory) go through it.
+    """
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     with torch.autocast(a.device.type, enabled=False):
         return a.to(dtype) @ b.to(dtype)

@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..networks import full_precision_matmul
+
 
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -76,10 +78,7 @@ class Memory(nn.Module):
         """
         n_blocks, block_size = partition.shape
         rows = self.embeddings.index_select(0, partition.flatten())  # [P*B, D], a copy: later writes do not touch it
-        dtype = torch.promote_types(torch.promote_types(z.dtype, rows.dtype), torch.float32)  # fp32 at least
-        with torch.autocast(z.device.type, enabled=False):
-            logits = z.to(dtype) @ rows.to(dtype).t()  # [M, P*B]
-        return logits.view(-1, n_blocks, block_size)  # [M, P, B]
+        return full_precision_matmul(z, rows.t()).view(-1, n_blocks, block_size)  # [M, P, B]
 
     @torch.no_grad()
     def write(self, embeddings: Tensor) -> None:

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 from carp_fast.callbacks.carp_stats import CollapseWarning  # noqa: E402
 from carp_fast.eval import extract_features, knn_accuracy  # noqa: E402
-from carp_fast.learner import CARPConfig, build_model, carp_learner  # noqa: E402
+from carp_fast.carp import CARPConfig, build_model, carp_learner  # noqa: E402
 from carp_fast.pipelines import (  # noqa: E402
     MultiCropConfig, crop_dataloaders, eval_loader, load_fashion_mnist, pretrain_loader,
 )

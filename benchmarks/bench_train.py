@@ -8,7 +8,7 @@ Three measurements on the same device, the same synthetic batch (already on the 
 no input pipeline is timed) and the same initial weights, alternated ``--repeats`` times so
 that machine noise hits them alike; each reports the median over repeats:
 
-- ``ours``: what users run, ``learn.fit`` of :func:`carp_fast.learner.carp_learner` with
+- ``ours``: what users run, ``learn.fit`` of :func:`carp_fast.carp.carp_learner` with
   every callback it trains with (gradient accumulation, precision, schedules, teacher EMA,
   statistics, recorder, progress measurement), on a loader that repeats the batch;
 - ``baseline``: the step of the paper's official loop (``benchmarks/paper_step.py``):
@@ -49,9 +49,10 @@ if __package__ in (None, ""):  # run as a script: make the repository's benchmar
 from benchmarks.paper_step import PaperStep, autocast, baseline_loss, blocks_by_gather  # noqa: E402
 from carp_fast.backbones import ARCHITECTURES  # noqa: E402
 from carp_fast.callbacks.precision import PRECISIONS, auto_channels_last, auto_precision  # noqa: E402
-from carp_fast.learner import CARPConfig, carp_learner  # noqa: E402
+from carp_fast.carp import CARPConfig, carp_learner  # noqa: E402
 from carp_fast.loss import carp_block_loss  # noqa: E402
-from carp_fast.networks import StudentTeacher, batches_by_resolution  # noqa: E402
+from carp_fast.carp import CARPStudentTeacher  # noqa: E402
+from carp_fast.networks import batches_by_resolution  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- the batch
@@ -132,7 +133,7 @@ class CeilingStep:
     backward on all crops (one pass per resolution), teacher forward on the global crops.
     No head, prototypes, loss, optimizer or EMA."""
 
-    def __init__(self, model: StudentTeacher, precision: str, channels_last: bool):
+    def __init__(self, model: CARPStudentTeacher, precision: str, channels_last: bool):
         self.model, self.precision, self.channels_last = model, precision, channels_last
         self.device = next(model.parameters()).device
         if channels_last:

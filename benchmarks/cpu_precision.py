@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's benchmarks/
 from benchmarks.bench_train import learner_step, rotated, synthetic_crops  # noqa: E402
-from carp_fast.learner import CARPConfig  # noqa: E402
+from carp_fast.carp import CARPConfig  # noqa: E402
 
 SETTINGS = {  # name: (precision, channels_last)
     "fp32": ("fp32", False),

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from carp_fast.networks import StudentTeacher
+from carp_fast.carp import CARPStudentTeacher
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -75,7 +75,7 @@ def baseline_loss(preds: Sequence[Tensor], targets: Sequence[Tensor]) -> Tensor:
         preds: V_s student probabilities ``[P, N, B]``; targets: V_t teacher ones (detached).
 
     The appendix sums its two (i, j) pairs and writes ``log(K)``; here the pairs are
-    averaged and the constant is ``log(B)``, the objective of DESIGN.md section 1, so that
+    averaged and the constant is ``log(B)``, the objective of paper eq. (4), so that
     the two implementations compute one number. ``clamp`` guards the log as the library does.
     """
     eps = torch.finfo(torch.float32).eps
@@ -92,14 +92,14 @@ class PaperStep:
     """The plain step of the paper's official loop; see the module docstring.
 
     Args:
-        model: its own :class:`StudentTeacher`.
+        model: its own :class:`CARPStudentTeacher`.
         precision: ``"fp16"`` (with a grad scaler) on CUDA as the official code; on the CPU
             ``"fp32"`` (default) or ``"bf16"``.
         lr, weight_decay, teacher_momentum: constant (their values do not change the cost of
             a step); set ``self.lr`` / ``self.teacher_momentum`` between calls to follow a schedule.
     """
 
-    def __init__(self, model: StudentTeacher, precision: str, lr: float = 0.05, weight_decay: float = 1e-6,
+    def __init__(self, model: CARPStudentTeacher, precision: str, lr: float = 0.05, weight_decay: float = 1e-6,
                  teacher_momentum: float = 0.996):
         self.model, self.precision = model, precision
         self.device = next(model.parameters()).device

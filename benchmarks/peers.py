@@ -14,7 +14,7 @@ T = 0.07) on the recipe's bank (a fixed random 20,000 training images drawn with
 ``carp_fast.run.open_sources``) and all 10k test images. Scored is the teacher's backbone where
 there is one (CARP, DINO), else the network's own (SwAV).
 
-- ``carp``: carp_fast's own learner (:func:`carp_fast.learner.carp_learner`), the same-script reference.
+- ``carp``: carp_fast's own learner (:func:`carp_fast.carp.carp_learner`), the same-script reference.
 - ``swav``: lightly's ``SwaVProjectionHead`` (backbone -> hidden_dim -> embed_dim), L2
   normalisation, ``SwaVPrototypes`` (n_prototypes, re-normalised before every step, frozen for
   ``--swav-freeze-steps``) and ``SwaVLoss`` (temperature 0.1, 3 Sinkhorn iterations, epsilon
@@ -24,7 +24,7 @@ there is one (CARP, DINO), else the network's own (SwAV).
   ``--dino-freeze-steps``) and ``DINOLoss`` (student T 0.1, teacher T 0.04, centre momentum
   0.9), with an EMA teacher at the recipe's momentum, cosine to 1 (carp_fast's TeacherEMA).
 
-Training runs in fastai's Learner built by :func:`carp_fast.learner.build_learner`, the
+Training runs in fastai's Learner built by :func:`carp_fast.learner.method_learner`, the
 function CARP's and MaSSL's learners are built with (precision, gradient accumulation,
 progress), with carp_fast's OptimizerStepScheduler and TeacherEMA callbacks; only the model,
 the loss and one small callback (step counter and freezes) are the peers' own. The lightly
@@ -57,7 +57,8 @@ from fastai.callback.core import Callback, CancelFitException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's benchmarks/
 from benchmarks.tune_embedded import cpu_name  # noqa: E402
-from carp_fast.learner import CARPConfig, setting  # noqa: E402
+from carp_fast.carp import CARPConfig
+from carp_fast.options import setting  # noqa: E402
 from carp_fast.run import TrainSettings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,7 +263,9 @@ class StopAfter(Callback):
 def peer_learner(method: str, dls, config: CARPConfig, peers: PeerSettings, accelerator, out: str, freeze_default: int, progress: bool):
     """A fastai Learner training ``method`` ('swav' or 'dino') with the recipe's optimizer and schedules."""
     from carp_fast.callbacks.teacher_ema import TeacherEMA
-    from carp_fast.learner import build_learner, lr_wd_schedules, opt_func
+    from carp_fast.carp import lr_wd_schedules, opt_func
+    from carp_fast.learner import method_learner
+    from carp_fast.method import Method
 
     callbacks = [lr_wd_schedules(config), PeerSteps()]
     if method == "swav":
@@ -282,8 +285,10 @@ def peer_learner(method: str, dls, config: CARPConfig, peers: PeerSettings, acce
                         center_momentum=peers.dino_center_momentum)
         callbacks.append(TeacherEMA(config.teacher_momentum))
     loss_func = Float32Loss(loss, method).to(accelerator.device)
-    return build_learner(dls, model, config, loss_func=loss_func, opt_func=opt_func(config), lr=config.peak_lr(),
-                         method_cbs=callbacks, accelerator=accelerator, path=out, progress=progress), freeze
+    # The peer as a method on the seam: its network and loss, CARP's optimizer and schedules.
+    peer = Method(name=method, config=CARPConfig, build_model=lambda config: model, loss=lambda config: loss_func,
+                  optimizer=opt_func, callbacks=lambda config: callbacks)
+    return method_learner(peer, dls, config, accelerator=accelerator, path=out, progress=progress), freeze
 
 
 # ---- one method, end to end ----------------------------------------------------------------
@@ -309,7 +314,7 @@ def knn_top1(backbone: nn.Module, bank_dl, query_dl, device) -> float:
 
 def run_method(method: str, settings: TrainSettings, config: CARPConfig, peers: PeerSettings) -> dict:
     """Train ``method`` for the run's steps and score it; returns its result line."""
-    from carp_fast.learner import carp_learner
+    from carp_fast.carp import carp_learner
     from carp_fast.run import open_sources, pretraining_dataloaders, start
 
     settings, config = copy.deepcopy(settings), copy.deepcopy(config)

@@ -3,7 +3,7 @@
 ``accelerate launch`` hands the mixed precision of ``accelerate config`` (or
 ``--mixed_precision``) to the script in ``ACCELERATE_MIXED_PRECISION``, and an ``Accelerator``
 built from it autocasts the model's forward in ``prepare_model``, on top of the precision
-callbacks that :class:`~carp_fast.learner.CARPConfig` ``precision`` adds (the loss would run
+callbacks that :class:`~carp_fast.method.MethodConfig` ``precision`` adds (the loss would run
 under two autocasts, fp16 without its GradScaler). Here Accelerate's setting is adopted
 where ``precision`` is "auto", refused where it disagrees, and Accelerate itself runs "no".
 """
@@ -23,7 +23,7 @@ def configured_precision() -> str:
 
 
 def adopt_accelerate_precision(precision: str) -> str:
-    """``precision`` (a CARPConfig value) reconciled with Accelerate's configured one.
+    """``precision`` (a MethodConfig value) reconciled with Accelerate's configured one.
 
     Returns ``precision`` itself, or Accelerate's bf16 / fp16 where ``precision`` is
     "auto". Raises ValueError when the two disagree or Accelerate asks for one carp_fast
@@ -59,6 +59,6 @@ def check_accelerator(accelerator) -> None:
     if getattr(accelerator, "mixed_precision", "no") != "no":
         raise ValueError(
             f"the Accelerator has mixed_precision={accelerator.mixed_precision!r}; carp_fast applies its own "
-            "precision (CARPConfig.precision): build it with mixed_precision='no' "
+            "precision (the method config's precision): build it with mixed_precision='no' "
             "(carp_fast.accelerator.make_accelerator) and set the precision in the config"
         )

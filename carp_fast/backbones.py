@@ -1,6 +1,6 @@
-"""Backbones: torchvision ResNets with the classifier removed.
+"""Backbones: the one registry of architectures, ResNets (torchvision) and ViTs (timm).
 
-Four architectures (DESIGN.md section 1, issue 2):
+ResNets, with the classifier removed:
 
 - ``"resnet50"``: torchvision ResNet-50, ``zero_init_residual=True``, 2048-d features.
 - ``"resnet18"``: torchvision ResNet-18 as it is (ImageNet stem), 512-d features.
@@ -12,6 +12,12 @@ Four architectures (DESIGN.md section 1, issue 2):
 All keep torchvision's module names, so an exported backbone state dict loads into
 ``torchvision.models.resnet50()`` (or :func:`build_backbone("resnet18_small")`) with
 ``strict=False`` reporting only the missing ``fc.*`` keys.
+
+ViTs (MaSSL's published backbones), from timm with ``dynamic_img_size=True`` so that 224 px
+global and 96 px local crops go through the same weights; the feature is the class token:
+
+- ``"vit_small"``: ViT-S/16, 384-d features.
+- ``"vit_base"``: ViT-B/16, 768-d features.
 """
 
 from __future__ import annotations
@@ -19,19 +25,25 @@ from __future__ import annotations
 import torch.nn as nn
 import torchvision
 
-ARCHITECTURES = ("resnet50", "resnet18_small", "resnet18", "resnet10_tiny")
+RESNETS = ("resnet50", "resnet18_small", "resnet18", "resnet10_tiny")
+# Our name -> timm's model name (patch 16, 224 px position grid, as the official vit_small/vit_base).
+VITS = {"vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224"}
+ARCHITECTURES = RESNETS + tuple(VITS)
 
 
-def build_backbone(arch: str = "resnet50") -> nn.Module:
-    """A torchvision ResNet whose ``fc`` is ``nn.Identity``.
+def build_backbone(arch: str = "resnet50", drop_path: float = 0.0) -> nn.Module:
+    """A backbone without classifier: images ``[N, 3, H, W]`` -> features ``[N, F]``.
 
     Args:
         arch: one of :data:`ARCHITECTURES`.
+        drop_path: a ViT's stochastic depth (MaSSL: student 0.1, teacher 0); ResNets have none.
 
     Returns:
-        a module mapping images ``[N, 3, H, W]`` to features ``[N, D]``, with the feature
-        width stored as ``module.feature_dim`` (2048 for ResNet-50, 512 for ResNet-18).
+        the module, with the feature width F stored as ``module.feature_dim`` (2048 for
+        ResNet-50, 512 for ResNet-18, 384 for ViT-S). No pretrained weights.
     """
+    if arch in VITS:
+        return _timm_vit(VITS[arch], drop_path)
     if arch == "resnet50":
         net = torchvision.models.resnet50(weights=None, zero_init_residual=True)
     elif arch in ("resnet18", "resnet18_small"):
@@ -46,6 +58,18 @@ def build_backbone(arch: str = "resnet50") -> nn.Module:
         raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
     net.feature_dim = net.fc.in_features
     net.fc = nn.Identity()
+    return net
+
+
+def _timm_vit(name: str, drop_path: float) -> nn.Module:
+    """timm's ViT ``name`` with no classifier, the class token as feature, any input size."""
+    import timm  # imported only for ViTs
+
+    net = timm.create_model(
+        name, pretrained=False, num_classes=0, global_pool="token", dynamic_img_size=True, drop_path_rate=drop_path
+    )
+    nn.init.trunc_normal_(net.cls_token, std=0.02)  # the official MaSSL/DINO init (timm's: normal, std 1e-6)
+    net.feature_dim = net.num_features
     return net
 
 

@@ -20,14 +20,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .distributed import unwrap
 
 CHECKPOINT_NAME = "checkpoint.pth"
 # Settings that may change between a run and its resumption (budgets, output, logging).
 RESUMABLE_CHANGES = frozenset({"epochs", "minutes", "out", "resume", "workers", "log_every", "knn_every", "checkpoint_every", "progress"})
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -76,7 +73,7 @@ def _accumulated_grads(learn) -> dict | None:
     accumulation = getattr(learn, "gradient_accumulation", None)
     if accumulation is None or accumulation.count % accumulation.n_steps == 0:
         return None
-    grads = {name: p.grad for name, p in _unwrap(learn.model).named_parameters() if p.grad is not None}
+    grads = {name: p.grad for name, p in unwrap(learn.model).named_parameters() if p.grad is not None}
     _, world = _rank_and_world()
     if world > 1:
         for g in grads.values():
@@ -103,7 +100,7 @@ def save_checkpoint(learn, path: str | os.PathLike, *, next_epoch: int, settings
     accumulation = getattr(learn, "gradient_accumulation", None)
     scaler = _grad_scaler(learn)
     state = {
-        "model": _unwrap(learn.model).state_dict(),
+        "model": unwrap(learn.model).state_dict(),
         "opt": learn.opt.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "accumulation_count": accumulation.count if accumulation is not None else 0,
@@ -148,9 +145,9 @@ def restore_checkpoint(learn, state: dict) -> None:
     """Load ``state`` into ``learn``, on every process, once its optimizer exists and fastai
     has reset its counters (the :class:`~carp_fast.callbacks.Checkpointer` does it in
     ``before_fit``): weights, optimizer, GradScaler, accumulated gradients, random states,
-    the step counters, a :class:`~carp_fast.callbacks.TimeBudget`'s plan, and ``learn.first_epoch`` (a :class:`~carp_fast.learner.CARPLearner`
+    the step counters, a :class:`~carp_fast.callbacks.TimeBudget`'s plan, and ``learn.first_epoch`` (a :class:`~carp_fast.learner.PretrainLearner`
     starts the fit there)."""
-    model = _unwrap(learn.model)
+    model = unwrap(learn.model)
     model.load_state_dict(state["model"])
     learn.opt.load_state_dict(state["opt"])
     scaler = _grad_scaler(learn)

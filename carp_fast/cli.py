@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"carp-fast: unknown command {argv[0]!r}")
         return
     module, _ = COMMANDS[argv[0]]
-    importlib.import_module(module).main(argv[1:])
+    result = importlib.import_module(module).main(argv[1:])
+    if isinstance(result, int) and result:  # eval's exit status (train returns its summary)
+        raise SystemExit(result)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,14 @@ import torch
 import torch.distributed as dist
 
 
-def _world_size() -> int:
+def world_size() -> int:
+    """The processes of the default group (1 without torch.distributed)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DistributedDataParallel (or ``model`` itself)."""
+    return getattr(model, "module", model)
 
 
 def _flag_tensor(value: int) -> torch.Tensor:
@@ -23,7 +29,7 @@ def _flag_tensor(value: int) -> torch.Tensor:
 
 def main_process_value(value: int) -> int:
     """The main process's integer ``value`` on every rank (a broadcast from rank 0)."""
-    if _world_size() == 1:
+    if world_size() == 1:
         return value
     tensor = _flag_tensor(value)
     dist.broadcast(tensor, src=0)
@@ -37,7 +43,7 @@ def main_process_decides(flag: bool) -> bool:
 
 def any_process(flag: bool) -> bool:
     """True on every rank when ``flag`` is True on at least one (an all-reduce of the maximum)."""
-    if _world_size() == 1:
+    if world_size() == 1:
         return flag
     tensor = _flag_tensor(flag)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)

@@ -2,7 +2,7 @@
 
 Paper: Silva & Ramirez Rivera, "Representation Learning via Consistent Assignment of Views
 over Random Partitions", NeurIPS 2023, section 4, eq. (4) and appendix E; the multi-crop
-and distributed semantics are those of DESIGN.md section 1.
+and distributed semantics, and where they differ from the official code: FIDELITY.md.
 
 Dimension letters, used in every docstring and comment of this module:
     V   views (crops) of one image: V_s student views, V_t teacher views
@@ -50,8 +50,8 @@ class _BlockLogitsFields(NamedTuple):
 class BlockLogits(_BlockLogitsFields):
     """What a method's network returns for one step: ``student``, ``teacher``, ``partition``.
 
-    One type for CARP (``carp_fast.networks.CARPOutput``) and MaSSL
-    (``carp_fast.massl.MaSSLOutput``), both names of this class. Also built from one
+    The one output type of every method (:class:`carp_fast.networks.StudentTeacher`'s
+    forward, whatever scores the blocks: CARP's prototypes, MaSSL's memory). Also built from one
     iterable of the three fields, because fastai's ``apply`` (used by ``to_float`` in
     ``MixedPrecision.after_pred``, ``to_device``, ``to_detach``) rebuilds a tuple as
     ``type(x)([...])``, which a plain NamedTuple refuses.
@@ -160,7 +160,7 @@ def carp_loss(
     *,
     eps: float | None = None,
 ) -> CARPLossParts:
-    """CARP loss from full prototype logits (paper eq. 4, multi-crop as in DESIGN.md).
+    """CARP loss from full prototype logits (paper eq. 4; multi-crop: every student view against every other teacher view).
 
     Args:
         student_logits: V_s tensors ``[N, K]``, global crops first.
@@ -271,7 +271,7 @@ def _block_loss(student_block_logits: Tensor, teacher_block_logits: Tensor, eps:
 class CARPLoss:
     """fastai ``loss_func``: ``CARPLoss()(pred, *yb)`` returns the total CARP loss.
 
-    ``pred`` is a :class:`BlockLogits` (``CARPOutput``: block logits of one partition);
+    ``pred`` is a :class:`BlockLogits` (block logits of one partition);
     labels in ``yb`` are ignored (self-supervised). The detached terms of the last call stay
     in ``self.parts`` for logging callbacks, without a host synchronisation.
     """

@@ -1,4 +1,5 @@
-"""Student and teacher networks: backbone -> projection head -> prototypes.
+"""The networks every method shares: a branch (backbone -> head), the student/teacher pair,
+CARP's projection head and prototypes.
 
 Paper appendix C.1: a ResNet-50 backbone (2048-d), a 3-layer MLP head with BatchNorm and
 GELU (hidden 2048, output 256) and a linear assigner over K = 65,536 prototypes whose
@@ -20,7 +21,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backbones import build_backbone
 from .loss import BlockLogits
 from .partition import PartitionSampler
 
@@ -45,31 +45,32 @@ def batches_by_resolution(crops: Sequence[Tensor]) -> list[Tensor]:
 
 
 class ProjectionHead(nn.Module):
-    """Three Linear layers with BatchNorm + GELU between them: ``[M, in] -> [M, out]``.
+    """Three Linear layers with GELU between them: ``[M, in] -> [M, out]``.
 
-    The Linear layers start from trunc-normal weights (std 0.02) and zero biases.
+    CARP's (``batch_norm=True``): BatchNorm before each GELU, the output as it is. MaSSL's
+    (``batch_norm=False, unit_output=True``, official ``head.py``): no BatchNorm, the output
+    scaled to unit length. The Linear layers start from trunc-normal weights (std 0.02) and
+    zero biases, as both official heads (after DINO), not PyTorch's fan-in uniform default.
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 256):
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 256, *, batch_norm: bool = True,
+                 unit_output: bool = False):
         super().__init__()
+        norm = (lambda: [nn.BatchNorm1d(hidden_dim)]) if batch_norm else (lambda: [])
         self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim),
-            nn.BatchNorm1d(hidden_dim),
-            nn.GELU(),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.BatchNorm1d(hidden_dim),
-            nn.GELU(),
+            nn.Linear(in_dim, hidden_dim), *norm(), nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim), *norm(), nn.GELU(),
             nn.Linear(hidden_dim, out_dim),
         )
-        # As the official head (modules/carp_head.py, after DINO): trunc-normal weights with
-        # std 0.02 and zero biases, not PyTorch's fan-in uniform default.
+        self.unit_output = unit_output
         for layer in self.mlp:
             if isinstance(layer, nn.Linear):
                 nn.init.trunc_normal_(layer.weight, std=0.02)
                 nn.init.zeros_(layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.mlp(x)
+        z = self.mlp(x)
+        return F.normalize(z, dim=-1, eps=1e-6) if self.unit_output else z
 
 
 class Prototypes(nn.Module):
@@ -116,14 +117,13 @@ def full_precision_matmul(a: Tensor, b: Tensor) -> Tensor:
         return a.to(dtype) @ b.to(dtype)
 
 
-class CARPNetwork(nn.Module):
-    """backbone -> head -> prototypes for one branch (student or teacher)."""
+class Branch(nn.Module):
+    """backbone -> head for one branch (student or teacher); a method may add its own end."""
 
-    def __init__(self, arch: str = "resnet50", n_prototypes: int = 65536, hidden_dim: int = 2048, embed_dim: int = 256):
+    def __init__(self, backbone: nn.Module, head: nn.Module):
         super().__init__()
-        self.backbone = build_backbone(arch)
-        self.head = ProjectionHead(self.backbone.feature_dim, hidden_dim, embed_dim)
-        self.prototypes = Prototypes(embed_dim, n_prototypes)
+        self.backbone = backbone
+        self.head = head
 
     def embed(self, crops: Sequence[Tensor]) -> Tensor:
         """Embeddings of all crops, one backbone pass per resolution.
@@ -139,47 +139,44 @@ class CARPNetwork(nn.Module):
         return self.head(torch.cat(features))
 
 
-CARPOutput = BlockLogits  # what StudentTeacher returns; the one output type of every method
-
-
 class StudentTeacher(nn.Module):
-    """Student and EMA teacher in one module, so one state dict (``learn.save``) holds both.
+    """A student, its EMA teacher and the partition sampler in one module (one state dict).
+
+    The shared part of every method: the teacher starts as the student and never receives
+    gradients (:class:`carp_fast.callbacks.TeacherEMA` updates it), its BatchNorm mode is
+    decided here, and :meth:`forward` embeds the crops, draws a partition and returns the
+    block logits of both. A method subclasses it and defines :meth:`block_logits` (against
+    its prototypes or memory) and, where it keeps state, :meth:`after_logits`.
 
     Args:
-        arch: backbone architecture (see :func:`carp_fast.backbones.build_backbone`).
-        n_prototypes: K.
-        block_size: B, prototypes per partition block (``B = K`` is the CARL setting).
+        student: a :class:`Branch` (or anything with ``embed(crops) -> [V*N, D]``).
+        teacher: the teacher's branch, built apart when it differs (MaSSL: no drop-path); it
+            is loaded with the student's weights. None: a deep copy of the student.
+        n_slots: K, the slots the partition divides (prototypes, memory entries).
+        block_size: B, slots per partition block.
         partition: ``"random"`` (a new partition every step, the paper's default) or
             ``"fixed"`` (sequential blocks drawn once, the paper's "constant" ablation).
         global_crops: how many leading crops are global; the teacher sees only those.
-        hidden_dim, embed_dim: projection head widths.
         seed: seed of the partition sampler.
         teacher_batch_stats: run the teacher's BatchNorm on batch statistics during
             training (as DINO and BYOL do); False keeps it in eval mode.
     """
 
-    def __init__(
-        self,
-        arch: str = "resnet50",
-        n_prototypes: int = 65536,
-        block_size: int = 512,
-        partition: str = "random",
-        global_crops: int = 2,
-        hidden_dim: int = 2048,
-        embed_dim: int = 256,
-        seed: int = 0,
-        teacher_batch_stats: bool = True,
-    ):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, n_slots: int, block_size: int,
+                 partition: str = "random", global_crops: int = 2, seed: int = 0, teacher_batch_stats: bool = True):
         super().__init__()
         if global_crops < 1:
             raise ValueError(f"global_crops must be >= 1, got {global_crops}")
-        self.global_crops = global_crops
-        self.teacher_batch_stats = teacher_batch_stats
-        self.student = CARPNetwork(arch, n_prototypes, hidden_dim, embed_dim)
-        self.teacher = copy.deepcopy(self.student)
+        self.global_crops, self.teacher_batch_stats = global_crops, teacher_batch_stats
+        self.student = student
+        if teacher is None:
+            teacher = copy.deepcopy(student)
+        else:
+            teacher.load_state_dict(student.state_dict())  # the same start
+        self.teacher = teacher
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.partitioner = PartitionSampler(n_prototypes, block_size, mode=partition, seed=seed)
+        self.partitioner = PartitionSampler(n_slots, block_size, mode=partition, seed=seed)
 
     def train(self, mode: bool = True) -> "StudentTeacher":
         # fastai's TrainEvalCallback calls model.train() on the whole model every epoch:
@@ -188,16 +185,25 @@ class StudentTeacher(nn.Module):
         self.teacher.train(mode and self.teacher_batch_stats)
         return self
 
-    def forward(self, *crops: Tensor) -> CARPOutput:
-        """One CARP step's logits.
+    def block_logits(self, branch: nn.Module, z: Tensor, partition: Tensor) -> Tensor:
+        """The method's logits of embeddings ``z`` ``[M, D]`` of ``branch`` (``self.student`` or
+        ``self.teacher``) over the partition ``[P, B]``: ``[M, P, B]``, float32."""
+        raise NotImplementedError
+
+    def after_logits(self, teacher_embeddings: Tensor, n_images: int) -> None:
+        """Called in training after the step's logits, with the teacher's ``[V_t*N, D]``
+        embeddings (no gradient); a method with a memory writes it here."""
+
+    def forward(self, *crops: Tensor) -> BlockLogits:
+        """One step's block logits.
 
         Args:
             crops: V_s tensors ``[N, 3, H, W]``: ``global_crops`` global crops first, then
                 local crops. The teacher sees the global ones.
 
         Returns:
-            :class:`CARPOutput` with student ``[V_s, N, P, B]`` and teacher
-            ``[V_t, N, P, B]`` block logits of one fresh partition.
+            :class:`~carp_fast.loss.BlockLogits` with student ``[V_s, N, P, B]`` and teacher
+            ``[V_t, N, P, B]`` block logits of one fresh partition ``[P, B]``.
         """
         if len(crops) < self.global_crops:
             raise ValueError(f"expected at least {self.global_crops} crops (the global ones), got {len(crops)}")
@@ -206,10 +212,12 @@ class StudentTeacher(nn.Module):
         with torch.no_grad():
             w = self.teacher.embed(crops[: self.global_crops])  # [V_t*N, D]
         partition = self.partitioner(device=z.device)  # [P, B]
-        s = self.student.prototypes.block_logits(z, partition)  # [V_s*N, P, B]
+        s = self.block_logits(self.student, z, partition)  # [V_s*N, P, B]
         with torch.no_grad():
-            t = self.teacher.prototypes.block_logits(w, partition)  # [V_t*N, P, B]
-        return CARPOutput(
+            t = self.block_logits(self.teacher, w, partition)  # [V_t*N, P, B]
+            if self.training:
+                self.after_logits(w, n_images)
+        return BlockLogits(
             s.view(len(crops), n_images, *partition.shape),  # [V_s, N, P, B]
             t.view(self.global_crops, n_images, *partition.shape),  # [V_t, N, P, B]
             partition,

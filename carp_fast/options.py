@@ -1,7 +1,7 @@
 """Command-line options from settings dataclasses: each field one option, with its help.
 
-A recipe's settings are dataclass fields (``TrainSettings``, ``CARPConfig``, ``MaSSLConfig``)
-with recipe defaults on top. :func:`parse_settings` turns them into an argparse command line
+A recipe's settings are dataclass fields made with :func:`setting` (``TrainSettings`` and
+the method's :class:`~carp_fast.method.MethodConfig`) with recipe defaults on top. :func:`parse_settings` turns them into an argparse command line
 whose ``--help`` lists every setting with its default, and turns a bad value into one error
 line naming the option and exit status 2, as argparse does, instead of a traceback.
 """
@@ -10,9 +10,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 REQUIRED = "<required>"  # a recipe default meaning "no default: the user must give it"
+
+
+def setting(default, help: str):
+    """A dataclass field with a help text (the command line's ``--help`` shows it)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def check_all(checks: Iterable[tuple[bool, str]], error: Callable[[str], str]) -> None:
+    """Raise ``ValueError(error(message))`` for the first ``(ok, message)`` that is not ok.
+
+    The one way every settings class refuses a value (its ``__post_init__`` calls it); the
+    command line turns the ValueError into one ``error:`` line and exit status 2.
+    """
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(error(message))
 
 
 def _option_kwargs(annotation: str) -> dict:

@@ -1,19 +1,20 @@
-"""The steps of a pretraining run, each one call from a recipe.
+"""The steps of a pretraining run, written once for every method: :func:`pretrain`.
 
-A recipe (``recipes/*.py``) reads top to bottom::
+A recipe (``recipes/*.py``) holds settings and names its method; :func:`pretrain` runs them::
 
-    settings, config = parse_settings(DEFAULTS, argv, __doc__)      # options, exit 2 on a bad one
+    settings, config = parse_settings(defaults, argv, description, method)  # options, exit 2 on a bad one
     accelerator = start(settings, config)                          # processes, devices, precision, seed
     sources = open_sources(settings, config)                       # pretraining, k-NN bank, queries
     dls = pretraining_dataloaders(sources, settings, config, accelerator)
-    learn = carp_learner(dls, config, accelerator=accelerator, path=settings.out)
-    learn.add_cbs(run_callbacks(settings, config, sources, accelerator))  # metrics, checkpoints, k-NN, budget
+    learn = method_learner(method, dls, config, accelerator=accelerator, path=settings.out)
+    learn.add_cbs(run_callbacks(settings, config, sources, accelerator, started))  # metrics, checkpoints, k-NN, budget
     baselines = knn_baselines(learn, settings)                     # random init and raw pixels
     learn.fit(settings.epochs)                                      # a --resume continues inside fit
-    finish(learn, settings, config, baselines, export_backbone)    # final k-NN, export, summary
+    return finish(learn, settings, config, baselines)              # final k-NN, export, summary
 
-A run writes to ``--out``: ``metrics.jsonl``, ``tensorboard/``, ``checkpoint.pth`` (resumable
-with ``--resume``), ``backbone_teacher.pth`` and ``summary.json``.
+Each step is a public function, for a notebook or a script that changes one of them. A run
+writes to ``--out``: ``metrics.jsonl``, ``tensorboard/``, ``checkpoint.pth`` (resumable with
+``--resume``), ``backbone_teacher.pth`` (+ ``.safetensors``) and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -27,15 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from .learner import CARPConfig, setting
+from .carp import CARP
+from .learner import method_learner
+from .method import Method
+from .options import check_all, setting
 from .options import parse_settings as _parse
-
-BACKENDS = ("auto", "dali", "torchvision")
+from .pipelines.loaders import BACKENDS
 
 
 @dataclass
 class TrainSettings:
-    """Data, budget and output settings of a run (the method's are in CARPConfig or MaSSLConfig)."""
+    """Data, budget and output settings of a run (the method's are its :class:`~carp_fast.method.MethodConfig`)."""
 
     data: str = setting("fashion-mnist", "'fashion-mnist', or an ImageNet-layout folder (train/ and val/ with class folders)")
     data_root: str | None = setting(None, "where Fashion-MNIST's idx files are (default: Debian's /usr/share/datasets/fashion-mnist)")
@@ -84,9 +87,7 @@ class TrainSettings:
             (self.eval_resize is None or self.eval_resize >= self.eval_size, "--eval-resize must be >= --eval-size (or None)"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"{message}, got {self._value_of(message)}")
+        check_all(checks, lambda message: f"{message}, got {self._value_of(message)}")
         _check_data(self.data)
 
     def _value_of(self, message: str) -> str:
@@ -126,22 +127,14 @@ def command_line(main: Callable) -> Callable:
     return wrapper
 
 
-def parse_settings(defaults: dict, argv=None, description: str | None = None, config_class: type = CARPConfig):
+def parse_settings(defaults: dict, argv=None, description: str | None = None, method: Method = CARP):
     """``(TrainSettings, config)`` from the command line over a recipe's ``defaults``.
 
     A default of :data:`carp_fast.options.REQUIRED` makes the option required (``--data``
-    of the ImageNet recipes); ``config_class`` is the method's settings (CARPConfig,
-    MaSSLConfig). A bad value ends the program with one error line, exit 2.
-
-    It also starts the clock of ``--minutes``: at the process's start when the options come
-    from the command line (``argv`` None), so that start-up counts, else now.
+    of the ImageNet recipes); ``method.config`` holds the method's settings. A bad value ends
+    the program with one error line, exit 2.
     """
-    global _run_started
-    _run_started = _process_start() if argv is None else time.time()
-    return _parse((TrainSettings, config_class), defaults, argv, description)
-
-
-_run_started: float | None = None  # set by parse_settings: when this run's --minutes began
+    return _parse((TrainSettings, method.config), defaults, argv, description)
 
 
 def _process_start() -> float:
@@ -149,6 +142,26 @@ def _process_start() -> float:
     import psutil  # an Accelerate dependency
 
     return psutil.Process().create_time()
+
+
+@command_line
+def pretrain(method: Method, defaults: dict, argv=None, description: str | None = None) -> dict:
+    """Pretrain ``method`` with a recipe's ``defaults`` under the command line ``argv``: train,
+    evaluate and export. Returns the summary (also in ``out/summary.json``).
+
+    ``--minutes`` counts from the process's start when the options come from the command line
+    (``argv`` None), so that start-up counts too; else from this call.
+    """
+    started = _process_start() if argv is None else time.time()
+    settings, config = parse_settings(defaults, argv, description, method)
+    accelerator = start(settings, config)  # processes, devices, precision, seed
+    sources = open_sources(settings, config)  # pretraining images, k-NN bank and queries
+    dls = pretraining_dataloaders(sources, settings, config, accelerator)  # DALI (or torchvision) multi-crop
+    learn = method_learner(method, dls, config, accelerator=accelerator, path=settings.out, progress=settings.progress)
+    learn.add_cbs(run_callbacks(settings, config, sources, accelerator, started))  # metrics, checkpoints (resume), k-NN, budget
+    baselines = knn_baselines(learn, settings)  # with --knn-random-init: the network at initialisation and the raw pixels
+    learn.fit(settings.epochs)
+    return finish(learn, settings, config, baselines)
 
 
 # ---- the steps ------------------------------------------------------------------------------
@@ -235,10 +248,11 @@ def pretraining_dataloaders(sources: Sources, settings: TrainSettings, config, a
     return crop_dataloaders(train_dl, device=accelerator.device)
 
 
-def run_callbacks(settings: TrainSettings, config, sources: Sources, accelerator) -> list:
+def run_callbacks(settings: TrainSettings, config, sources: Sources, accelerator, started: float | None = None) -> list:
     """What a run adds to the method's Learner: metrics.jsonl and TensorBoard, checkpoints
     (and, with ``--resume``, the restore of everything at the start of ``fit``), the k-NN
-    monitor and the time budget."""
+    monitor and the time budget (``--minutes`` from ``started``, a ``time.time()``; None: the
+    start of the fit)."""
     from .callbacks import Checkpointer, KNNMonitor, MetricsLogger, TimeBudget
     from .pipelines import eval_loader
 
@@ -255,7 +269,7 @@ def run_callbacks(settings: TrainSettings, config, sources: Sources, accelerator
         callbacks.append(KNNMonitor(eval_loader(sources.bank, **eval_kw), eval_loader(sources.queries, **eval_kw),
                                     every=settings.knn_every or settings.epochs))
     if settings.minutes:
-        callbacks.append(TimeBudget(settings.minutes, started=_run_started))
+        callbacks.append(TimeBudget(settings.minutes, started=started))
     return callbacks
 
 
@@ -284,12 +298,13 @@ def knn_baselines(learn, settings: TrainSettings) -> dict:
     return baselines
 
 
-def finish(learn, settings: TrainSettings, config, baselines: dict, export: Callable) -> dict:
+def finish(learn, settings: TrainSettings, config, baselines: dict) -> dict:
     """After ``fit``: the final k-NN where the fit ended before its scheduled one (a budget),
     the teacher's backbone exported (round-trip checked), ``summary.json``, the last line of
     ``metrics.jsonl`` with the k-NN numbers side by side, and a printed table. Every process
     calls it; returns the summary (on the main process)."""
     from .callbacks.accumulation import optimizer_steps
+    from .export import export_backbone
 
     knn = getattr(learn, "knn_monitor", None)
     if knn is not None and knn.evaluated_epoch != learn.epoch:
@@ -297,7 +312,7 @@ def finish(learn, settings: TrainSettings, config, baselines: dict, export: Call
         if result is not None:
             learn.knn_top1 = result[0]
     accelerator, out = learn.accelerator, Path(settings.out)
-    summary = {"out": str(out)}
+    summary = {"out": str(out), "method": learn.method.name}
     if accelerator.is_main_process:
         summary["epochs_run"] = learn.epoch + 1
         summary["steps_run"] = optimizer_steps(learn)
@@ -306,7 +321,7 @@ def finish(learn, settings: TrainSettings, config, baselines: dict, export: Call
         if knn is not None:
             summary["knn_top1"] = learn.knn_top1
         summary.update(baselines)
-        summary["backbone"] = str(export(learn.model, out / "backbone_teacher.pth", arch=config.arch))
+        summary["backbone"] = str(export_backbone(learn.model, out / "backbone_teacher.pth", arch=config.arch))
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if baselines and knn is not None:
             knn_numbers = {k: v for k, v in summary.items() if k.startswith("knn_top1")}

@@ -1,6 +1,6 @@
 """Multi-crop augmentation parameters, shared by the DALI and torchvision paths.
 
-The recipe is BYOL/DINO's (DESIGN.md section 1): random resized crop (bicubic),
+The recipe is BYOL/DINO's (CARP paper appendix C.1): random resized crop (bicubic),
 horizontal flip, colour jitter, grayscale, Gaussian blur, solarize, ImageNet
 normalisation. Global crops are asymmetric: global 1 is always blurred and never
 solarized, global 2 is rarely blurred and sometimes solarized.

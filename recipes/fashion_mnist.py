@@ -12,9 +12,8 @@ show) of the trained teacher beside that of the same network at random initialis
 of the raw pixels. Every setting below is an option (``--help`` lists them with their defaults).
 """
 
-from carp_fast.export import export_backbone
-from carp_fast.learner import carp_learner
-from carp_fast.run import command_line, finish, knn_baselines, open_sources, parse_settings, pretraining_dataloaders, run_callbacks, start
+from carp_fast.carp import CARP
+from carp_fast.run import pretrain
 
 DEFAULTS = dict(
     data="fashion-mnist",  # Debian's dataset-fashion-mnist, /usr/share/datasets/fashion-mnist
@@ -25,18 +24,17 @@ DEFAULTS = dict(
     block_size=64,  # 16 blocks: small blocks are stable at small batches (paper B.2)
     hidden_dim=512,
     embed_dim=128,
-    # Optimisation (tuned in the budget: the table of every setting tried is in BENCHMARKS.md)
+    # Optimisation, tuned in the budget (BENCHMARKS.md, "Tuning the embedded default": what
+    # each choice was measured against)
     optimizer="adamw",  # LARS needs long schedules; AdamW learns far more in minutes
-    base_lr=5e-3,  # x 128 / 256; 2e-3 reached 78.5 % instead of 79.9 % in 65k images at batch 128
+    base_lr=5e-3,  # x 128 / 256
     final_lr=2e-5,  # the cosine's absolute end
     weight_decay=0.05,
-    batch_size=128,  # more steps per image: 79.9 % against 78.5 % at 256 for the same images
+    batch_size=128,  # more steps per image than 256
     global_batch=128,
     teacher_momentum=0.97,  # few steps: a faster teacher
     # Crops of the 28 px images, smaller than the images: less compute a step, more steps in the
-    # budget. Evaluated at 28 px, 20 + 12 px reached 84.8 % against 82.3 % for 28 + 14; 16 + 10 px
-    # beat 20 + 12 again (85.0 % against 84.4 % with bf16, 82.5 % against 82.1 % in fp32 held to
-    # AVX2); 14 + 8 px fell to 80.5 % (AVX2).
+    # budget (the sizes tried: BENCHMARKS.md, same section)
     global_size=16,
     local_size=10,
     local_crops=2,
@@ -51,8 +49,7 @@ DEFAULTS = dict(
     # Monitoring
     # The whole 28 px image shrunk to 18 px: a 16 px crop of 30-100 % of the image shows it at
     # 0.57-1.04 of its size, so the evaluation shows it at such a scale too (the train-test
-    # resolution discrepancy of FixRes, Touvron et al. 2019). 18 px beat 28 px by 0.6-1.7 points
-    # on every trained run; the raw pixels gain 0.35 (83.26 %; 83.5 % at 20 px, their best).
+    # resolution discrepancy of FixRes, Touvron et al. 2019; measured in docs/embedded-default.md)
     eval_size=18,
     eval_resize=18,
     knn_bank=20_000,  # labelled training images in the k-NN bank (test: all 10k)
@@ -62,18 +59,9 @@ DEFAULTS = dict(
 )
 
 
-@command_line
 def main(argv=None, defaults=DEFAULTS) -> dict:
     """Train, evaluate and export; returns the summary (also in ``out/summary.json``)."""
-    settings, config = parse_settings(defaults, argv, __doc__)
-    accelerator = start(settings, config)  # processes, devices, precision, seed
-    sources = open_sources(settings, config)  # pretraining images, k-NN bank and queries
-    dls = pretraining_dataloaders(sources, settings, config, accelerator)
-    learn = carp_learner(dls, config, accelerator=accelerator, path=settings.out, progress=settings.progress)
-    learn.add_cbs(run_callbacks(settings, config, sources, accelerator))  # metrics, checkpoints (resume), k-NN, budget
-    baselines = knn_baselines(learn, settings)  # the teacher at initialisation and the raw pixels
-    learn.fit(settings.epochs)
-    return finish(learn, settings, config, baselines, export=export_backbone)
+    return pretrain(CARP, defaults, argv, __doc__)
 
 
 if __name__ == "__main__":

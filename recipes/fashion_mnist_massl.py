@@ -6,11 +6,12 @@
 Ends by printing the k-NN top-1 (k = 20, T = 0.07) on the 10k test images of the trained
 teacher beside the same network at random initialisation and the raw pixels. The data,
 time budget and network are recipes/fashion_mnist.py's (CARP); the crop sizes, epochs, images
-and batch are those MaSSL was measured with; the steps of the run are recipes/in1k_massl.py's.
+and batch are those MaSSL was measured with.
 """
 
+from carp_fast.massl import MASSL
 from carp_fast.recipes.fashion_mnist import DEFAULTS as CARP
-from carp_fast.recipes.in1k_massl import main as run_massl
+from carp_fast.run import pretrain
 
 # CARP's data, crops, time budget and monitoring; its prototype and optimiser settings do not apply.
 SHARED = ("data", "local_crops", "global_scale", "local_scale", "blur_sigma", "minutes", "knn_bank", "workers",
@@ -32,7 +33,7 @@ DEFAULTS = {
     "global_batch": 256,
     "memory_size": 4096,  # 16 batches of 256: a quarter of an epoch of past teacher views
     "block_size": 512,  # 8 blocks per step, the published ratio (16,384 of 131,072)
-    "base_lr": 5e-4,  # x 256 / 256, the official lr: CARP's 2e-3 (and momentum 0.97) collapsed to one memory slot
+    "base_lr": 5e-4,  # x 256 / 256, the official lr (CARP's recipe values collapse MaSSL: BENCHMARKS.md)
     "teacher_momentum": 0.992,  # the official ViT-S value (CARP's recipe: 0.97)
     "weight_decay": 0.04,
     "final_weight_decay": 0.1,  # 0.4 is for 800 ViT epochs
@@ -40,8 +41,9 @@ DEFAULTS = {
 }
 
 
-def main(argv=None) -> dict:
-    return run_massl(argv, defaults=DEFAULTS)
+def main(argv=None, defaults=DEFAULTS) -> dict:
+    """Train, evaluate and export; returns the summary (also in ``out/summary.json``)."""
+    return pretrain(MASSL, defaults, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,12 @@ gradient clipping at 3; teacher momentum 0.992 -> 1; tau_s 0.1, tau_t 0.04 -> 0.
 epochs: MaSSLConfig's defaults. Every setting is an option; `--help` lists them.
 """
 
-from carp_fast.massl.export import export_massl_backbone
-from carp_fast.massl.learner import MaSSLConfig, massl_learner
-from carp_fast.options import REQUIRED
-from carp_fast.run import command_line, finish, knn_baselines, open_sources, parse_settings, pretraining_dataloaders, run_callbacks, start
+from carp_fast.massl import MASSL
+from carp_fast.recipes.in1k_mc import IMAGENET
+from carp_fast.run import pretrain
 
 DEFAULTS = dict(
-    data=REQUIRED,  # a folder with train/ and val/ in the ImageNet layout
+    **IMAGENET,  # data, 224 + 96 px crops, workers, k-NN monitoring: the CARP recipe's
     out="runs/in1k_massl",
     epochs=800,
     # Model
@@ -30,32 +29,15 @@ DEFAULTS = dict(
     batch_size=64,  # per GPU
     global_batch=128,
     # Crops
-    global_size=224,
-    local_size=96,
     local_crops=10,
     global_scale=(0.32, 1.0),
     local_scale=(0.05, 0.32),
-    workers=8,  # DALI threads per GPU
-    # Monitoring
-    knn_every=10,
-    knn_bank=100_000,  # k-NN monitor: a labelled 100k bank keeps it to minutes
-    knn_queries=10_000,
-    log_every=50,
 )
 
 
-@command_line
 def main(argv=None, defaults=DEFAULTS) -> dict:
     """Train, evaluate and export; returns the summary (also in ``out/summary.json``)."""
-    settings, config = parse_settings(defaults, argv, __doc__, config_class=MaSSLConfig)
-    accelerator = start(settings, config)  # processes, devices, precision, seed
-    sources = open_sources(settings, config)  # pretraining images, k-NN bank and queries
-    dls = pretraining_dataloaders(sources, settings, config, accelerator)  # DALI (or torchvision) multi-crop
-    learn = massl_learner(dls, config, accelerator=accelerator, path=settings.out, progress=settings.progress)
-    learn.add_cbs(run_callbacks(settings, config, sources, accelerator))  # metrics, checkpoints (resume), k-NN, budget
-    baselines = knn_baselines(learn, settings)  # with --knn-random-init
-    learn.fit(settings.epochs)
-    return finish(learn, settings, config, baselines, export=export_massl_backbone)
+    return pretrain(MASSL, defaults, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,24 @@ momentum 0.99 -> 1, bf16, SyncBatchNorm, channels_last by default), is an option
 lists them with their defaults. For 400 epochs the paper uses --base-lr 0.3 --final-lr 0.003.
 """
 
-from carp_fast.export import export_backbone
-from carp_fast.learner import carp_learner
+from carp_fast.carp import CARP
 from carp_fast.options import REQUIRED
-from carp_fast.run import command_line, finish, knn_baselines, open_sources, parse_settings, pretraining_dataloaders, run_callbacks, start
+from carp_fast.run import pretrain
+
+# ImageNet's data, crop sizes and monitoring, shared by the ImageNet recipes of every method.
+IMAGENET = dict(
+    data=REQUIRED,  # a folder with train/ and val/ in the ImageNet layout (class folders of JPEGs)
+    global_size=224,
+    local_size=96,
+    workers=8,  # DALI threads per GPU
+    knn_every=10,
+    knn_bank=100_000,  # k-NN monitor: a labelled 100k bank keeps it to minutes
+    knn_queries=10_000,
+    log_every=50,
+)
 
 DEFAULTS = dict(
-    data=REQUIRED,  # a folder with train/ and val/ in the ImageNet layout (class folders of JPEGs)
+    **IMAGENET,
     out="runs/in1k_mc",
     epochs=200,
     # Optimisation (the model is CARPConfig's default: the paper's)
@@ -23,31 +34,13 @@ DEFAULTS = dict(
     final_lr=0.006,  # absolute end of the cosine, not scaled with the batch (0.003 for 400 epochs)
     batch_size=64,  # per GPU; lower it if memory runs out (the accumulation grows, the global batch stays)
     global_batch=4096,
-    # Crops
-    global_size=224,
-    local_size=96,
-    local_crops=6,
-    workers=8,  # DALI threads per GPU
-    # Monitoring
-    knn_every=10,
-    knn_bank=100_000,  # k-NN monitor: a labelled 100k bank keeps it to minutes
-    knn_queries=10_000,
-    log_every=50,
+    local_crops=6,  # and 2 global crops (CARPConfig.global_crops)
 )
 
 
-@command_line
 def main(argv=None, defaults=DEFAULTS) -> dict:
     """Train, evaluate and export; returns the summary (also in ``out/summary.json``)."""
-    settings, config = parse_settings(defaults, argv, __doc__)
-    accelerator = start(settings, config)  # processes, devices, precision, seed
-    sources = open_sources(settings, config)  # pretraining images, k-NN bank and queries
-    dls = pretraining_dataloaders(sources, settings, config, accelerator)  # DALI (or torchvision) multi-crop
-    learn = carp_learner(dls, config, accelerator=accelerator, path=settings.out, progress=settings.progress)
-    learn.add_cbs(run_callbacks(settings, config, sources, accelerator))  # metrics, checkpoints (resume), k-NN, budget
-    baselines = knn_baselines(learn, settings)  # with --knn-random-init
-    learn.fit(settings.epochs)
-    return finish(learn, settings, config, baselines, export=export_backbone)
+    return pretrain(CARP, defaults, argv, __doc__)
 
 
 if __name__ == "__main__":

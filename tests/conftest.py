@@ -49,7 +49,7 @@ def tiny_dls():
 
 @pytest.fixture
 def tiny_config():
-    from carp_fast.learner import CARPConfig
+    from carp_fast.carp import CARPConfig
 
     return CARPConfig(
         arch="resnet18_small", n_prototypes=64, block_size=16, hidden_dim=32, embed_dim=16,

@@ -10,7 +10,7 @@ from fastai.callback.core import Callback
 
 from benchmarks import bench_train
 from benchmarks.paper_step import PaperStep
-from carp_fast.learner import CARPConfig
+from carp_fast.carp import CARPConfig
 
 TINY = ["--arch", "resnet10_tiny", "--global-size", "16", "--local-crops", "2", "--local-size", "8",
         "--prototypes", "256", "--block-size", "32", "--hidden-dim", "64", "--embed-dim", "32",
@@ -100,9 +100,9 @@ def test_paper_step_and_the_learner_agree(local_crops, block_size):
 
 
 def test_ceiling_leaves_no_gradients():
-    from carp_fast.networks import StudentTeacher
+    from carp_fast.carp import CARPStudentTeacher
 
-    model = StudentTeacher(arch="resnet10_tiny", n_prototypes=64, block_size=16, hidden_dim=32, embed_dim=16)
+    model = CARPStudentTeacher(arch="resnet10_tiny", n_prototypes=64, block_size=16, hidden_dim=32, embed_dim=16)
     ceiling = bench_train.CeilingStep(model.train(), "fp32", channels_last=False)
     assert torch.isfinite(ceiling(bench_train.synthetic_crops(2, 2, 16, 2, 8, torch.device("cpu"))))
     assert all(p.grad is None for p in model.parameters())

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from carp_fast.callbacks import (
     Autocast, CARPStats, CollapseWarning, GradientAccumulation, TeacherEMA, assignment_stats, ema_update, teacher_momentum,
 )
-from carp_fast.learner import carp_learner
+from carp_fast.carp import carp_learner
 
 
 def test_momentum_schedule_end_points_and_shape():
@@ -115,7 +115,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 def test_gradient_accumulation_steps_from_config(tiny_config):
     assert tiny_config.accumulation_steps(1) == 1
-    from carp_fast.learner import CARPConfig
+    from carp_fast.carp import CARPConfig
 
     assert CARPConfig(batch_size=64, global_batch=4096).accumulation_steps(4) == 16
     with pytest.raises(ValueError, match="global_batch=100"):

@@ -87,7 +87,7 @@ def test_lr_find_show_batch_save_and_load_on_a_carp_learner(tmp_path):
     import numpy as np
 
     from carp_fast.callbacks import KNNMonitor
-    from carp_fast.learner import CARPConfig, carp_learner
+    from carp_fast.carp import CARPConfig, carp_learner
     from carp_fast.pipelines import ArraySource, MultiCropConfig, crop_dataloaders, eval_loader, pretrain_loader
 
     rng = np.random.default_rng(0)

@@ -31,7 +31,7 @@ def _train(rank, port):
     from torch.utils.data import DataLoader, Subset
 
     from carp_fast.callbacks import KNNMonitor
-    from carp_fast.learner import CARPConfig, carp_learner
+    from carp_fast.carp import CARPConfig, carp_learner
 
     class SlowKNN(KNNMonitor):
         def evaluate(self):

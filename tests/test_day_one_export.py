@@ -53,10 +53,10 @@ def test_one_call_exports_for_torchvision_timm_and_safetensors(tmp_path):
     from safetensors.torch import load_file
 
     from carp_fast.export import export_backbone
-    from carp_fast.networks import StudentTeacher
+    from carp_fast.carp import CARPStudentTeacher
 
     torch.manual_seed(0)
-    model = StudentTeacher("resnet50", n_prototypes=32, block_size=8, hidden_dim=16, embed_dim=8)
+    model = CARPStudentTeacher("resnet50", n_prototypes=32, block_size=8, hidden_dim=16, embed_dim=8)
     for p in model.teacher.backbone.parameters():  # not the initial weights: zero_init_residual hides key mix-ups
         p.data.normal_(0, 0.05)
     path = export_backbone(model, tmp_path / "backbone_teacher.pth", arch="resnet50")

@@ -8,14 +8,14 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.torch_core import to_float
 
 from carp_fast.loss import carp_block_loss
-from carp_fast.networks import CARPOutput
+from carp_fast.loss import BlockLogits
 
 
 def test_carp_output_survives_fastai_apply():
     # fastai's MixedPrecision.after_pred calls to_float(pred), which rebuilds tuples as type(x)([...]).
-    out = CARPOutput(torch.ones(2, 3, 1, 4, dtype=torch.float16), torch.ones(1, 3, 1, 4, dtype=torch.float16), torch.arange(4).view(1, 4))
+    out = BlockLogits(torch.ones(2, 3, 1, 4, dtype=torch.float16), torch.ones(1, 3, 1, 4, dtype=torch.float16), torch.arange(4).view(1, 4))
     converted = to_float(out)
-    assert isinstance(converted, CARPOutput)
+    assert isinstance(converted, BlockLogits)
     assert converted.student.dtype == converted.teacher.dtype == torch.float32
     assert converted.partition.dtype == torch.int64
     assert converted._replace(partition=None).partition is None
@@ -47,7 +47,7 @@ class _ScaleSpy(Callback):
 
 def test_fp16_trains_on_the_cpu_with_a_gradient_scaler(tiny_dls, tiny_config, tmp_path):
     from carp_fast.callbacks import Checkpointer
-    from carp_fast.learner import carp_learner
+    from carp_fast.carp import carp_learner
 
     spy = _ScaleSpy()
     learn = carp_learner(tiny_dls, _fp16(tiny_config), cbs=[spy, Checkpointer(tmp_path, {})], progress=False)
@@ -65,7 +65,7 @@ def test_fp16_trains_on_the_cpu_with_a_gradient_scaler(tiny_dls, tiny_config, tm
 
 def test_fp16_resume_restores_the_loss_scale(tiny_dls, tiny_config, tmp_path):
     from carp_fast.callbacks import Checkpointer
-    from carp_fast.learner import carp_learner
+    from carp_fast.carp import carp_learner
 
     learn = carp_learner(tiny_dls, _fp16(tiny_config), cbs=[Checkpointer(tmp_path, {})], progress=False)
     learn.fit(1)
@@ -83,7 +83,7 @@ def test_fp16_resume_restores_the_loss_scale(tiny_dls, tiny_config, tmp_path):
 
 
 def _reference_loss(s_logits, t_logits):
-    """DESIGN.md section 1, written out in float64: mean over pairs i != j, over N and P, of
+    """Paper eq. (4) with multi-crop, written out in float64: mean over pairs i != j, over N and P, of
     -log clamp(<s_i, t_j>, eps, 1 - eps) with float32's eps; plus mean_p KL(pbar_p || uniform)."""
     s, t = s_logits.double().softmax(-1), t_logits.double().softmax(-1)  # [V, N, P, B]
     eps = torch.finfo(torch.float32).eps

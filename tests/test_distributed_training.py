@@ -11,7 +11,7 @@ STEPS, GLOBAL = 2, 16
 
 
 def _config(batch_size):
-    from carp_fast.learner import CARPConfig
+    from carp_fast.carp import CARPConfig
 
     return CARPConfig(
         arch="resnet10_tiny", n_prototypes=64, block_size=16, hidden_dim=32, embed_dim=16, batch_size=batch_size,
@@ -24,7 +24,7 @@ def _run(rows_per_step, batch_size):
     from fastai.data.core import DataLoaders
     from torch.utils.data import DataLoader, Subset
 
-    from carp_fast.learner import carp_learner
+    from carp_fast.carp import carp_learner
 
     data = crop_dataset(n_images=STEPS * GLOBAL, seed=3)
     order = [i for rows in rows_per_step for i in rows]

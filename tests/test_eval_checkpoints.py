@@ -203,9 +203,11 @@ def test_not_a_checkpoint_names_the_file(tmp_path, content):
 
 
 def test_legacy_format_checkpoint_reads_arch_without_mmap(tmp_path, model):
-    from carp_fast.eval.cli import _checkpoint_arch
+    from carp_fast.eval.cli import build_parser
+    from carp_fast.eval.frozen import FrozenBackbone
 
     path = tmp_path / "legacy.pth"
     torch.save({"model": model.state_dict(), "config": {"arch": "resnet18_small"}}, path,
                _use_new_zipfile_serialization=False)  # fmt: skip
-    assert _checkpoint_arch(str(path), trust=False) == "resnet18_small"
+    args = build_parser().parse_args(["knn", "--checkpoint", str(path)])
+    assert FrozenBackbone.from_args(args).arch == "resnet18_small"

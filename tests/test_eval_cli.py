@@ -118,6 +118,25 @@ def test_second_run_reads_the_cache(tmp_path, checkpoint, image_folder, monkeypa
     assert first["results"][0]["top1"] == second["results"][0]["top1"]
 
 
+def test_a_run_loads_the_weights_once_and_leaves_the_arguments_alone(tmp_path, checkpoint, image_folder, monkeypatch):
+    """Two cache misses (train, test) share one load of the weights; what the run resolves
+    (the arch read from the checkpoint, the view) lives on the FrozenBackbone, not on args."""
+    from carp_fast.eval.cli import build_parser
+    from carp_fast.eval.frozen import FrozenBackbone
+
+    loads = []
+    load_backbone = checkpoints.load_backbone
+    monkeypatch.setattr(checkpoints, "load_backbone", lambda *a, **kw: loads.append(a) or load_backbone(*a, **kw))
+    args = build_parser().parse_args(["knn", "--checkpoint", str(checkpoint), "--data", str(image_folder), "--size", "16",
+                                      "--k", "1", "--no-cache", "--no-progress", "--backend", "torchvision", "--workers", "1"])  # fmt: skip
+    parsed = dict(vars(args))
+    backbone = FrozenBackbone.from_args(args)
+    report = args.run(args, backbone)
+    assert vars(args) == parsed
+    assert backbone.arch == "resnet18_small" and report.settings["arch"] == "resnet18_small"
+    assert len(loads) == 1 and report.settings["n"] == [24, 12]
+
+
 def test_kmeans_end_to_end_student(tmp_path, checkpoint, image_folder):
     out = tmp_path / "kmeans.json"
     rc = _run(tmp_path, "kmeans", "--checkpoint", str(checkpoint), "--which", "student",
@@ -152,6 +171,15 @@ def test_bad_input_exits_with_a_message(tmp_path, checkpoint, image_folder, caps
     assert "trained with arch='resnet18_small'" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse rejects an unknown --which
         main(["knn", "--checkpoint", str(checkpoint), "--which", "ema"])
+
+
+def test_the_console_command_exits_2_on_bad_input(tmp_path):
+    """`carp-fast eval ...` passes eval's exit status on (it used to exit 0 after the error line)."""
+    from carp_fast.cli import main as console
+
+    with pytest.raises(SystemExit) as stop:
+        console(["eval", "knn", "--checkpoint", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "r.jsonl")])
+    assert stop.value.code == 2
 
 
 def test_a_file_that_is_not_a_checkpoint_gets_one_line(tmp_path, checkpoint, image_folder, capsys):

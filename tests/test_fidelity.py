@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from carp_fast.callbacks import MetricsLogger
-from carp_fast.learner import CARPConfig, carp_learner
+from carp_fast.carp import CARPConfig, carp_learner
 from carp_fast.networks import ProjectionHead
 
 

@@ -57,7 +57,7 @@ def test_lars_rejects_bad_hyperparameters():
 
 
 def test_fastai_drives_lr_and_weight_decay_hypers():
-    from carp_fast.learner import CARPConfig, opt_func
+    from carp_fast.carp import CARPConfig, opt_func
 
     p = torch.nn.Parameter(torch.ones(2, 2))
     opt = opt_func(CARPConfig())([p], lr=0.3)

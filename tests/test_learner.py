@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from carp_fast.callbacks import KNNMonitor
-from carp_fast.learner import CARPConfig, carp_learner
+from carp_fast.carp import CARPConfig, carp_learner
 
 
 def labelled_loader(n, seed):

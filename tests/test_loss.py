@@ -13,7 +13,7 @@ from carp_fast.loss import CARPLoss, carp_block_loss, carp_loss, random_partitio
 
 
 def reference_carp(student_logits, teacher_logits, partition):
-    """(consistency, entropy) from DESIGN.md section 1 / paper eq. (4), one term at a time."""
+    """(consistency, entropy) from paper eq. (4), one term at a time."""
     eps = torch.finfo(torch.float64).eps
     n_images = student_logits[0].shape[0]
     blocks = [list(map(int, row)) for row in partition]
@@ -131,12 +131,12 @@ def test_half_precision_logits_compute_in_float32():
 
 
 def test_carp_loss_callable_keeps_detached_parts():
-    from carp_fast.networks import CARPOutput
+    from carp_fast.loss import BlockLogits
 
     s = torch.randn(4, 2, 3, 5, requires_grad=True)
     t = torch.randn(2, 2, 3, 5)
     loss_func = CARPLoss()
-    total = loss_func(CARPOutput(s, t, torch.arange(15).view(3, 5)), torch.zeros(2))
+    total = loss_func(BlockLogits(s, t, torch.arange(15).view(3, 5)), torch.zeros(2))
     assert total.requires_grad and not loss_func.parts.total.requires_grad
     torch.testing.assert_close(loss_func.parts.total, total.detach())
 

@@ -17,8 +17,8 @@ def _run(rows_per_step, batch_size):
     from fastai.data.core import DataLoaders
     from torch.utils.data import DataLoader, Subset
 
-    from carp_fast.massl.learner import MaSSLConfig, massl_learner
-    from carp_fast.massl.networks import MaSSLStudentTeacher
+    from carp_fast.massl import MaSSLConfig, massl_learner
+    from carp_fast.massl import MaSSLStudentTeacher
     from tests.test_massl_memory import tiny_vit
 
     data = crop_dataset(n_images=STEPS * GLOBAL, seed=3)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from carp_fast.massl.clipping import clip_per_parameter
-from carp_fast.massl.loss import MaSSLLoss, MaSSLOutput, massl_block_loss
+from carp_fast.loss import BlockLogits
+from carp_fast.massl.loss import MaSSLLoss, massl_block_loss
 from carp_fast.massl.memory import Memory
 from carp_fast.massl.temperature import teacher_temperature
 
@@ -93,7 +94,7 @@ def test_loss_is_float32_under_bf16_autocast():
 def test_loss_func_reads_its_temperature_and_keeps_the_last_value():
     s, t = torch.randn(3, 2, 2, 4), torch.randn(2, 2, 2, 4)
     loss_func = MaSSLLoss(student_temperature=0.1, teacher_temperature=0.06)
-    value = loss_func(MaSSLOutput(s, t, torch.arange(8).view(2, 4)), torch.zeros(2))
+    value = loss_func(BlockLogits(s, t, torch.arange(8).view(2, 4)), torch.zeros(2))
     assert value.item() == pytest.approx(massl_block_loss(s, t, teacher_temperature=0.06).item())
     assert torch.equal(loss_func.last, value.detach())
 

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from carp_fast.massl.memory import Memory
-from carp_fast.massl.networks import MaSSLStudentTeacher, build_backbone
+from carp_fast.backbones import build_backbone
+from carp_fast.massl import MaSSLStudentTeacher
 
 
 def tiny_vit(drop_path: float = 0.0):
@@ -158,7 +159,8 @@ def test_a_plain_fastai_learner_trains_a_toy_model_with_the_memory_and_the_loss(
     from fastai.learner import Learner
     from torch.utils.data import DataLoader, TensorDataset
 
-    from carp_fast.massl import MaSSLLoss, MaSSLOutput, TeacherTemperatureWarmup
+    from carp_fast.loss import BlockLogits
+    from carp_fast.massl import MaSSLLoss, TeacherTemperatureWarmup
 
     class Toy(torch.nn.Module):
         def __init__(self):
@@ -174,7 +176,7 @@ def test_a_plain_fastai_learner_trains_a_toy_model_with_the_memory_and_the_loss(
             s, t = self.memory.block_logits(z, partition), self.memory.block_logits(w, partition)
             if self.training:
                 self.memory.write(w[a.shape[0]:])
-            return MaSSLOutput(s.view(2, a.shape[0], 4, 4), t.view(2, a.shape[0], 4, 4), partition)
+            return BlockLogits(s.view(2, a.shape[0], 4, 4), t.view(2, a.shape[0], 4, 4), partition)
 
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(32, 6), torch.randn(32, 6), torch.zeros(32))

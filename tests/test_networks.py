@@ -5,14 +5,15 @@ import torch
 import torchvision
 
 from carp_fast.backbones import build_backbone
-from carp_fast.networks import Prototypes, ProjectionHead, StudentTeacher, batches_by_resolution
+from carp_fast.carp import CARPStudentTeacher
+from carp_fast.networks import Prototypes, ProjectionHead, batches_by_resolution
 from carp_fast.partition import PartitionSampler
 
 
 def small_model(**kw):
     args = dict(arch="resnet18_small", n_prototypes=64, block_size=16, hidden_dim=32, embed_dim=8)
     args.update(kw)
-    return StudentTeacher(**args)
+    return CARPStudentTeacher(**args)
 
 
 def crops(n=2, n_global=2, n_local=3, g=16, l=8):
@@ -140,7 +141,7 @@ def test_paper_configuration_runs_forward_and_backward_on_cpu():
     from carp_fast.loss import carp_block_loss
 
     torch.manual_seed(0)
-    model = StudentTeacher("resnet50", n_prototypes=65536, block_size=512).train()
+    model = CARPStudentTeacher("resnet50", n_prototypes=65536, block_size=512).train()
     views = [torch.randn(2, 3, 224, 224) for _ in range(2)] + [torch.randn(2, 3, 96, 96) for _ in range(6)]
     out = model(*views)
     assert out.student.shape == (8, 2, 128, 512) and out.teacher.shape == (2, 2, 128, 512)

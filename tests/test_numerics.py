@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from fastai.callback.core import Callback
 
 from carp_fast.loss import carp_block_loss
-from carp_fast.networks import Prototypes, StudentTeacher
+from carp_fast.carp import CARPStudentTeacher
+from carp_fast.networks import Prototypes
 
 
 def official_block_loss(student, teacher, eps):
@@ -85,7 +86,7 @@ def test_block_logits_are_float32_under_bf16_autocast():
 
 
 def test_student_teacher_returns_float32_block_logits_under_bf16_autocast():
-    model = StudentTeacher(arch="resnet18_small", n_prototypes=32, block_size=8, hidden_dim=16, embed_dim=8)
+    model = CARPStudentTeacher(arch="resnet18_small", n_prototypes=32, block_size=8, hidden_dim=16, embed_dim=8)
     crops = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.randn(4, 3, 8, 8)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(*crops)
@@ -93,7 +94,7 @@ def test_student_teacher_returns_float32_block_logits_under_bf16_autocast():
 
 
 def test_massl_trains_in_fp16_through_fastai(tiny_dls):
-    from carp_fast.massl.learner import MaSSLConfig, massl_learner
+    from carp_fast.massl import MaSSLConfig, massl_learner
 
     config = MaSSLConfig(
         arch="resnet18_small", memory_size=64, block_size=16, hidden_dim=32, embed_dim=16,
@@ -141,7 +142,7 @@ def test_lr_and_momentum_with_accumulation_are_read_at_the_stepping_micro_batch(
     # 4 micro-batches of 8 per epoch, 2 per step, 2 epochs: the official loop steps at the
     # micro-batches it = 1, 3, 5, 7 and reads lr_schedule[it], momentum_schedule[it].
     tiny_config.base_lr, tiny_config.final_lr, tiny_config.global_batch = 0.4, 0.004, 16
-    from carp_fast.learner import carp_learner
+    from carp_fast.carp import carp_learner
 
     spy = StepLRs()
     learn = carp_learner(tiny_dls, tiny_config, cbs=[spy], progress=False)
@@ -155,7 +156,7 @@ def test_lr_and_momentum_with_accumulation_are_read_at_the_stepping_micro_batch(
 
 
 def test_massl_lr_reaches_the_peak_on_the_last_warmup_iteration(tiny_dls):
-    from carp_fast.massl.learner import MaSSLConfig, massl_learner
+    from carp_fast.massl import MaSSLConfig, massl_learner
 
     config = MaSSLConfig(
         arch="resnet18_small", memory_size=64, block_size=16, hidden_dim=32, embed_dim=16,

@@ -47,7 +47,7 @@ def test_the_data_and_the_knn_bank_are_the_recipes():
 def test_training_stops_after_the_steps_with_schedules_sized_to_them(tiny_dls, tiny_config):
     import dataclasses
 
-    from carp_fast.learner import carp_learner
+    from carp_fast.carp import carp_learner
 
     tiny_config = dataclasses.replace(tiny_config, optimizer="adamw", base_lr=1e-3, final_lr=1e-5)  # the recipe's optimizer
     learn = carp_learner(tiny_dls, tiny_config, progress=False)  # 4 steps an epoch

@@ -35,7 +35,7 @@ def test_an_accelerator_that_autocasts_is_refused():
 
 
 def test_the_learner_refuses_an_accelerator_that_autocasts(tiny_dls, tiny_config):
-    from carp_fast.learner import carp_learner
+    from carp_fast.carp import carp_learner
 
     class AutocastingAccelerator:  # what Accelerator(mixed_precision="bf16") reports
         mixed_precision = "bf16"
@@ -45,7 +45,7 @@ def test_the_learner_refuses_an_accelerator_that_autocasts(tiny_dls, tiny_config
 
 
 def test_the_run_adopts_accelerates_precision(monkeypatch, tmp_path):
-    from carp_fast.learner import CARPConfig
+    from carp_fast.carp import CARPConfig
     from carp_fast.run import TrainSettings, start
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")

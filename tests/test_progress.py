@@ -1,7 +1,7 @@
 """RichProgress in a redirected log (a cluster job's stdout): lines within an epoch, not only at its end."""
 
 from carp_fast.callbacks import RichProgress
-from carp_fast.learner import carp_learner
+from carp_fast.carp import carp_learner
 
 
 def test_redirected_log_gets_lines_within_each_epoch(tiny_dls, tiny_config, capsys):

@@ -13,7 +13,7 @@ def _learner(rank):
     from fastai.data.core import DataLoaders
     from torch.utils.data import DataLoader
 
-    from carp_fast.learner import CARPConfig, carp_learner
+    from carp_fast.carp import CARPConfig, carp_learner
 
     config = CARPConfig(arch="resnet10_tiny", n_prototypes=64, block_size=16, hidden_dim=32, embed_dim=16,
                         batch_size=4, global_batch=8, log_every=1, precision="fp32")

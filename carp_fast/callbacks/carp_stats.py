@@ -67,7 +67,7 @@ class CARPStats(Callback):
     interval's losses reach the host in one transfer and are appended to ``self.history`` (a list of dicts)
     and stored in ``learn.carp_log``; ``learn.carp_epoch`` sums up each epoch. Expects
     ``learn.loss_func`` to be a :class:`carp_fast.loss.CARPLoss` and ``learn.pred`` a
-    :class:`carp_fast.networks.CARPOutput`. A method with other terms or assignment targets
+    :class:`carp_fast.loss.BlockLogits`. A method with other terms or assignment targets
     subclasses it (:class:`carp_fast.massl.stats.MaSSLStats`) and overrides ``TERMS``,
     ``HIT``, :meth:`batch_terms`, :meth:`n_targets` and :meth:`extra`.
 

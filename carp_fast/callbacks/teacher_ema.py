@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
-
-from .schedule import step_progress
 from fastai.callback.schedule import sched_cos
+
+from ..distributed import unwrap
+from .schedule import step_progress
 
 
 def teacher_momentum(base: float, progress: float) -> float:
@@ -23,10 +23,6 @@ def teacher_momentum(base: float, progress: float) -> float:
 def ema_update(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float) -> None:
     """``teacher <- m * teacher + (1 - m) * student`` for all tensors in one fused kernel."""
     torch._foreach_lerp_(teacher, student, 1.0 - momentum)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)  # DistributedDataParallel / Accelerate wrappers
 
 
 class TeacherEMA(Callback):
@@ -51,7 +47,7 @@ class TeacherEMA(Callback):
 
     def before_fit(self):
         "Pair up the parameters once: same architecture, same order."
-        model = _unwrap(self.learn.model)
+        model = unwrap(self.learn.model)
         student = list(getattr(model, self.student_attr).parameters())
         teacher = list(getattr(model, self.teacher_attr).parameters())
         if len(student) != len(teacher) or any(s.shape != t.shape for s, t in zip(student, teacher)):

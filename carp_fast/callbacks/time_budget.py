@@ -1,14 +1,52 @@
-"""Plans a fit to a time budget: the schedules are sized to what this machine can do in it."""
+"""TimeBudget: the fit sized to a time budget, so that its schedules complete inside it.
+
+A schedule cut by a clock ends before its learning rate and teacher momentum reach their ends,
+and a slower machine gets a shorter, worse run; so the budget is planned instead. The
+arithmetic is :mod:`carp_fast.budget` (pure functions); this callback measures and applies it:
+
+- plan: after ``warmup`` optimizer steps the next ones are timed (at least ``measure`` steps
+  and ``measure_seconds``) and the fit is sized to the steps that fit, less a reserve for the
+  end (the final k-NN evaluation as long as the monitor's last one, the evaluations due
+  before it, and ``margin`` of the budget);
+- re-plan: a few seconds of steps are a noisy measure (on 2 CPU cores the epochs that followed
+  were 1-12 % slower) that misses each epoch's own costs (the loader's restart, checkpoints)
+  and a machine that slows down; so after each epoch's training the pace since the plan (k-NN
+  evaluations left out: they are reserved on their own), or that epoch's if slower, is
+  measured again and the steps not yet taken are resized to it;
+- guard: the fit still ends after an epoch when the next one would overrun the whole budget.
+
+The main process prints each plan; every process follows its plans and its stops::
+
+    plan: 1234 steps of batch 256 (5.3 epochs), 0.31 s a step: about 8.9 of 9 minutes
+    re-plan: 1250 steps of batch 256 (5.4 epochs), 0.3 s a step: about 8.9 of 9 minutes
+
+A resumed run goes on with the checkpoint's plan and does not re-plan (its clock is newer).
+
+What it sets on the Learner:
+
+=======================  ==============================================  =============================================
+attribute                set by                                          read by
+=======================  ==============================================  =============================================
+``learn.plan``           TimeBudget (a :class:`~carp_fast.budget.Plan`   TimeBudget.before_fit (a resume goes on with
+                         as a dict: steps, epochs, step_seconds,         it), checkpoint.save_checkpoint, run.finish
+                         minutes); checkpoint.restore_checkpoint         (the summary)
+``learn.planned_steps``  TimeBudget (the plan's steps; None outside      schedule.schedule_length (the schedules'
+                         its fits)                                       length), TimeBudget.after_batch (the end)
+``learn.n_epoch``        ``learn.fit(n)`` (the most), then TimeBudget    PretrainLearner._do_fit (re-read each epoch),
+                         (the plan's epochs)                             KNNMonitor and Checkpointer (the last epoch)
+``learn.stopped_early``  TimeBudget (True: the guard ended the fit)      run.finish (the summary)
+=======================  ==============================================  =============================================
+"""
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch.distributed
 from fastai.callback.core import Callback, CancelFitException, CancelTrainException
 from fastai.torch_core import find_bs
 
+from ..budget import Plan, replan, steps_that_fit
 from ..distributed import main_process_decides, main_process_value
 from .accumulation import optimizer_steps
 from .checkpointer import Checkpointer
@@ -16,43 +54,16 @@ from .stand_aside import stands_aside
 
 
 class TimeBudget(Callback):
-    """Sizes the fit so that it ends, its last evaluation included, within ``minutes``.
-
-    A schedule cut by a clock ends before its learning rate and teacher momentum reach their
-    ends, and a slower machine gets a shorter, worse run. So the budget is planned instead:
-    after ``warmup`` optimizer steps the next ones are timed (at least ``measure`` steps and
-    ``measure_seconds``), and the main process sets the fit's length to the steps that fit in
-    what is left of the budget, less a reserve for the end: the k-NN evaluation as long as
-    the last one the :class:`~carp_fast.callbacks.KNNMonitor` took (the one at
-    initialisation, say), the monitor's evaluations due before it, and ``margin`` of the
-    budget for the export and jitter. ``learn.fit(n)`` gives the most epochs; the plan is
-    ``learn.planned_steps`` optimizer steps (the schedules' length, read by
-    :func:`~carp_fast.callbacks.schedule.step_progress`) in ``learn.n_epoch`` epochs, the
-    last one cut short. It is printed::
-
-        plan: 1234 steps of batch 256 (5.3 epochs), 0.31 s a step: about 8.9 of 9 minutes
-
-    A few seconds of steps are a noisy measure (on 2 CPU cores they came out 1-12 % slower
-    than the epochs that followed), and they do not see what every epoch costs besides its
-    steps (the loader's restart, checkpoints), nor a machine that slows down. So at the end of
-    each epoch's training phase the pace since the plan (k-NN evaluations left out: they are
-    reserved on their own), or that epoch's if slower, is measured again, and the plan is
-    resized to the steps that fit at it (printed as ``re-plan: ...``): shortened whenever its
-    steps no longer fit, lengthened when 1 % more steps (or an epoch's, if fewer) would fit. The
-    schedules then move by the steps added or taken off and still end where they should.
-
-    The plan is kept in ``learn.plan`` (the numbers) and in the checkpoint, so a resumed run
-    goes on with the same schedule (a resumed run's clock starts again, so it does not
-    re-plan). Every process follows the main process's plans and its stops. As a last guard,
-    the fit still ends after an epoch when the next one would overrun the budget
-    (``learn.stopped_early`` then says so).
+    """Sizes the fit so that it ends, its final k-NN evaluation included, within ``minutes``
+    (the module says how, and what it sets on the Learner). ``learn.fit(n)`` gives the most epochs.
 
     Args:
         minutes: the whole budget.
-        started: ``time.time()`` at the start of the budget; None: when the fit starts. A
-            recipe passes its process's start, so that start-up and the evaluation of the
-            network at initialisation count too.
-        margin: the share of the budget kept free besides the final evaluation.
+        started: ``time.time()`` at the budget's start; None: when the fit starts. A recipe passes
+            its process's start, so start-up and the evaluation at initialisation count too.
+        margin: the share of the budget kept free besides the final evaluation (export, jitter).
+        warmup: optimizer steps left untimed before the measure.
+        measure, measure_seconds: the fewest optimizer steps and seconds timed before the plan.
     """
 
     order, run_valid = Checkpointer.order + 1, False  # the last callback: after_batch may end the epoch
@@ -68,24 +79,20 @@ class TimeBudget(Callback):
         self.seconds, self.started, self.margin = 60.0 * minutes, started, margin
         self.warmup, self.measure, self.measure_seconds = warmup, measure, measure_seconds
 
-    # ---- clock ------------------------------------------------------------------------------
-
-    def _elapsed(self) -> float:
-        return time.time() - self._t0  # one clock (time.time) throughout: ``started`` is on it too
-
     def before_fit(self):
         "Start the clock; a resumed run (a Checkpointer restored its counters) keeps its plan."
         self.run = not stands_aside(self.learn)
         if not self.run:
             return
-        self._t0 = self.started if self.started is not None else time.time()
-        self.longest, self.learn.stopped_early, self._timer = 0.0, False, None
-        self._fit_steps0, self._max_epochs = optimizer_steps(self.learn), self.learn.n_epoch
-        plan = getattr(self.learn, "plan", None) if self.learn.train_iter > 0 else None
-        self.learn.plan, self.learn.planned_steps = plan, None
+        learn = self.learn
+        self._t0 = self.started if self.started is not None else time.time()  # one clock, time.time, throughout
+        self.longest, learn.stopped_early, self._timer = 0.0, False, None
+        self._fit_steps0, self._max_epochs = optimizer_steps(learn), learn.n_epoch
+        plan = getattr(learn, "plan", None) if learn.train_iter > 0 else None
+        learn.plan, learn.planned_steps = plan, None
         self._planned_at = None  # (time, steps, k-NN seconds so far) when this process planned
         if plan is not None:  # the schedules go on as first planned
-            self.learn.planned_steps, self.learn.n_epoch = plan["steps"], plan["epochs"]
+            learn.planned_steps, learn.n_epoch = plan["steps"], plan["epochs"]
 
     def after_fit(self):
         "Later fits without a plan use their own length (``learn.plan`` stays to be read)."
@@ -93,16 +100,6 @@ class TimeBudget(Callback):
 
     def before_epoch(self):
         self.epoch_start, self.epoch_steps0 = time.time(), optimizer_steps(self.learn)
-
-    def _monitor(self):
-        return getattr(self.learn, "knn_monitor", None)
-
-    def _eval_seconds(self) -> tuple[float, float]:
-        "How long the k-NN monitor's last evaluation took, and all of them so far (0 without one)."
-        monitor = self._monitor()
-        return getattr(monitor, "seconds", 0.0), getattr(monitor, "seconds_total", 0.0)
-
-    # ---- plan -------------------------------------------------------------------------------
 
     def after_batch(self):
         """Time the steps after the warm-up, then plan (at the same step on every process); end the
@@ -117,71 +114,34 @@ class TimeBudget(Callback):
             elif done >= self.warmup + self.measure:
                 seconds = time.time() - self._timer
                 if main_process_decides(seconds >= self.measure_seconds):
-                    self._plan(seconds / (done - self.warmup), steps)
+                    step_seconds, elapsed = seconds / (done - self.warmup), self._elapsed()
+                    self._planned_at = (time.time(), steps, self._eval_seconds()[1])
+                    planned = self._steps_that_fit(step_seconds, steps, elapsed)
+                    self._apply(planned, step_seconds, steps, elapsed, "plan")
         # Here, after every other callback's after_batch (this one runs last), not in
         # before_batch: a batch cancelled there would leave the precision callbacks' autocast on.
         if self.learn.planned_steps is not None and steps >= self.learn.planned_steps:
             raise CancelTrainException()
 
-    def _accumulation(self) -> int:
-        accumulation = getattr(self.learn, "gradient_accumulation", None)
-        return accumulation.n_steps if accumulation is not None else 1
-
-    def _steps_per_epoch(self) -> int:
-        return max(1, self.learn.n_iter // self._accumulation())
-
-    def _steps_that_fit(self, step_seconds: float, steps_done: int) -> int:
-        """The optimizer steps (``steps_done`` included, at most those of ``fit``'s epochs) after
-        which the fit ends, its k-NN evaluations included, inside the budget less its margin, at
-        ``step_seconds`` a step."""
-        per_epoch, monitor = self._steps_per_epoch(), self._monitor()
-        eval_seconds = self._eval_seconds()[0]
-        left = self.seconds * (1 - self.margin) - self._elapsed() - eval_seconds  # the last evaluation
-        planned = min(self._max_epochs * per_epoch, steps_done + max(0, math.floor(left / step_seconds)))
-        if monitor is not None and eval_seconds:  # and the ones due before it, from this epoch on
-            last = math.ceil(planned / per_epoch) - 1
-            evaluations = sum((epoch + 1) % monitor.every == 0 for epoch in range(self.learn.epoch, last))
-            planned = min(planned, steps_done + max(0, math.floor((left - evaluations * eval_seconds) / step_seconds)))
-        return max(main_process_value(planned), steps_done)
-
-    def _plan(self, step_seconds: float, steps_done: int) -> None:
-        """Set ``learn.planned_steps`` and ``learn.n_epoch`` from the measured step time."""
-        planned = self._steps_that_fit(step_seconds, steps_done)
-        self._planned_at = (time.time(), steps_done, self._eval_seconds()[1])
-        self._set_plan(planned, step_seconds, steps_done, "plan")
-
-    def _set_plan(self, planned: int, step_seconds: float, steps_done: int, word: str) -> None:
-        learn, per_epoch = self.learn, self._steps_per_epoch()
-        epochs = max(1, math.ceil(planned / per_epoch))
-        learn.planned_steps, learn.n_epoch = planned, epochs
-        total = self._elapsed() + (planned - steps_done) * step_seconds + self._eval_seconds()[0]
-        learn.plan = dict(steps=planned, epochs=epochs, step_seconds=step_seconds, minutes=total / 60)
-        if getattr(learn, "accelerator", None) is None or learn.accelerator.is_main_process:
-            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-            batch = find_bs(learn.xb) * self._accumulation() * world
-            print(f"{word}: {planned} steps of batch {batch} ({planned / per_epoch:.1f} epochs), "
-                  f"{step_seconds:.3g} s a step: about {total / 60:.1f} of {self.seconds / 60:g} minutes", flush=True)
-
     def after_train(self):
-        """Measure the pace since the plan again (the epoch's own costs now included) and resize the
-        plan to it: shorter if its steps no longer fit, longer if clearly more would."""
+        """Measure the pace since the plan again (the epoch's own costs now included) and re-plan
+        the steps not yet taken to it (:func:`~carp_fast.budget.replan` decides)."""
         if self._planned_at is None or self.learn.planned_steps is None:
             return  # no plan yet, or one restored from a checkpoint (this process's clock is newer)
         planned_time, steps0, eval_total0 = self._planned_at
         steps, now = optimizer_steps(self.learn), time.time()
         if steps >= self.learn.planned_steps or steps - steps0 < self.measure:
-            return
+            return  # the plan is run (its schedules have ended), or too few steps to measure
         pace = (now - planned_time - (self._eval_seconds()[1] - eval_total0)) / (steps - steps0)
         epoch_steps = steps - self.epoch_steps0
         if self.epoch_start >= planned_time and epoch_steps > 0:
             # An epoch begun after the plan: its pace too, if slower (a machine that slows down).
             pace = max(pace, (now - self.epoch_start) / epoch_steps)
-        planned = self._steps_that_fit(pace, steps)
-        current = self.learn.planned_steps
-        if planned < current or planned >= current + max(1, min(self._steps_per_epoch(), math.ceil(0.01 * current))):
-            self._set_plan(planned, pace, steps, "re-plan")
-
-    # ---- guard ------------------------------------------------------------------------------
+        elapsed = self._elapsed()
+        fits = self._steps_that_fit(pace, steps, elapsed)
+        planned = replan(self.learn.planned_steps, fits, steps, self._steps_per_epoch())
+        if planned is not None:
+            self._apply(planned, pace, steps, elapsed, "re-plan")
 
     def after_epoch(self):
         "End after the planned epochs; stop if the next epoch would overrun (a guard)."
@@ -199,3 +159,40 @@ class TimeBudget(Callback):
         if main_process_decides(overrun):
             learn.stopped_early = True
             raise CancelFitException()
+
+    # ---- measures and the plan applied --------------------------------------------------
+
+    def _elapsed(self) -> float:
+        return time.time() - self._t0
+
+    def _eval_seconds(self) -> tuple[float, float]:
+        "How long the k-NN monitor's last evaluation took, and all of them so far (0 without one)."
+        monitor = getattr(self.learn, "knn_monitor", None)
+        return getattr(monitor, "seconds", 0.0), getattr(monitor, "seconds_total", 0.0)
+
+    def _accumulation(self) -> int:
+        accumulation = getattr(self.learn, "gradient_accumulation", None)
+        return accumulation.n_steps if accumulation is not None else 1
+
+    def _steps_per_epoch(self) -> int:
+        return max(1, self.learn.n_iter // self._accumulation())
+
+    def _steps_that_fit(self, step_seconds: float, steps_done: int, elapsed: float) -> int:
+        "The main process's :func:`~carp_fast.budget.steps_that_fit`, on every process."
+        monitor = getattr(self.learn, "knn_monitor", None)
+        return main_process_value(steps_that_fit(
+            budget_seconds=self.seconds, elapsed_seconds=elapsed, margin=self.margin, step_seconds=step_seconds,
+            steps_done=steps_done, steps_per_epoch=self._steps_per_epoch(), max_epochs=self._max_epochs,
+            epoch=self.learn.epoch, eval_seconds=self._eval_seconds()[0], every=getattr(monitor, "every", 0)))
+
+    def _apply(self, steps: int, step_seconds: float, steps_done: int, elapsed: float, word: str) -> None:
+        "Set ``learn.plan``, ``learn.planned_steps`` and ``learn.n_epoch`` to a plan of ``steps``; print it."
+        learn, per_epoch = self.learn, self._steps_per_epoch()
+        plan = Plan.of(steps, steps_done=steps_done, steps_per_epoch=per_epoch, step_seconds=step_seconds,
+                       elapsed_seconds=elapsed, eval_seconds=self._eval_seconds()[0])
+        learn.plan, learn.planned_steps, learn.n_epoch = plan.as_dict(), plan.steps, plan.epochs
+        if getattr(learn, "accelerator", None) is None or learn.accelerator.is_main_process:
+            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+            batch = find_bs(learn.xb) * self._accumulation() * world
+            print(f"{word}: {steps} steps of batch {batch} ({steps / per_epoch:.1f} epochs), "
+                  f"{step_seconds:.3g} s a step: about {plan.minutes:.1f} of {self.seconds / 60:g} minutes", flush=True)

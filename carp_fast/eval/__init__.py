@@ -6,7 +6,9 @@ augmented crops), :mod:`.linear` (the cached "fast" probe, not the paper's),
 :mod:`.fewshot` (iNat2018-style few-shot), :mod:`.voc` (few-shot VOC07 with SVMs),
 :mod:`.retrieval` (revisited Oxford/Paris mAP), :mod:`.copydetection` (Copydays);
 :mod:`.data` (the views each protocol feeds), :mod:`.features` (extraction and cache),
-:mod:`.checkpoints` (loading backbones), :mod:`.cli` (``carp-fast eval ...``).
+:mod:`.checkpoints` (loading backbones), :mod:`.frozen` (the checkpoint under evaluation,
+read once, and its cached features), :mod:`.report` (what a run reports),
+:mod:`.cli` (``carp-fast eval ...``: each protocol module's options and run, wired).
 
 Importing this package is cheap: only the k-NN module (torch) is imported eagerly;
 the other names load on first access, so faiss, scikit-learn and rich are imported only

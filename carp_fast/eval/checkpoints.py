@@ -1,7 +1,7 @@
 """Load a frozen backbone from a checkpoint, whichever code wrote it.
 
 Three layouts are recognised (the usual source of "key mismatch" reports when loading
-self-supervised weights into torchvision, DESIGN.md section 6):
+self-supervised weights into torchvision):
 
 1. this project's checkpoints: ``{"model": StudentTeacher.state_dict(), "settings": {...}, ...}``
    (``learn.save`` adds ``"opt"``), keys ``student.backbone.*`` / ``teacher.backbone.*``;
@@ -31,22 +31,9 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from carp_fast.backbones import ARCHITECTURES as RESNETS
+from carp_fast.backbones import ARCHITECTURES, VITS, build_backbone
 
-VITS = ("vit_small", "vit_base")  # MaSSL's backbones (timm; imported only when used)
-ARCHITECTURES = RESNETS + VITS
 WHICH = ("teacher", "student")
-
-
-def build_backbone(arch: str) -> nn.Module:
-    """A fresh backbone of ``arch`` (ResNets: this project's; ViTs: MaSSL's timm ViT/16)."""
-    if arch in VITS:
-        from carp_fast.massl.networks import build_backbone as build_massl_backbone
-
-        return build_massl_backbone(arch)
-    from carp_fast.backbones import build_backbone as build_resnet
-
-    return build_resnet(arch)
 
 
 def read_checkpoint(path: str | os.PathLike, *, weights_only: bool = True, mmap: bool = False) -> Any:

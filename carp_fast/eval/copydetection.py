@@ -18,6 +18,8 @@ distractors and without whitening:
 
 from __future__ import annotations
 
+import argparse
+import functools
 import os
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -25,7 +27,10 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-from .retrieval import compute_ap, rank_database
+from .data import squashed_batches
+from .frozen import FrozenBackbone, image_source
+from .report import Report, sizes
+from .retrieval import compute_ap, load_ground_truth, rank_database
 
 TOP = 20  # ranks the official script scores (similarity.topk(20))
 IMSIZE = 320  # the official --imsize
@@ -112,3 +117,37 @@ def copy_detection_map(
         found = np.flatnonzero(np.isin(ranks[:, q], np.asarray(ok)))  # 0-based ranks, ascending
         aps.append(compute_ap(found, len(ok)))
     return 100.0 * float(np.mean(aps))
+
+
+# --- carp-fast eval copydetection -----------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=None, help="Copydays folder as the official script reads it: original/*.jpg, strong/*.jpg")
+    parser.add_argument("--ground-truth", type=Path, default=None, help="instead of --data: a JSON with queries, database, gnd [{'ok': [...]}]")
+    parser.add_argument("--imsize", type=int, default=IMSIZE, help="images squashed to imsize x imsize (official 320)")
+    parser.add_argument("--top", type=int, default=TOP, help="ranks counted by the AP (official 20)")
+
+
+def run_from_args(args: argparse.Namespace, backbone: FrozenBackbone) -> Report:
+    """mAP over the top ``--top`` of the Copydays queries (``--data``) or a ``--ground-truth``'s."""
+    if (args.data is None) == (args.ground_truth is None):
+        raise ValueError("pass either --data (a Copydays folder: original/, strong/) or --ground-truth (a JSON)")
+    if args.data is not None:
+        days = load_copydays(args.data)
+        query_paths, database_paths, positives = days.queries, days.database, days.positives
+        source = {"data": str(Path(args.data).resolve())}
+    else:
+        truth = load_ground_truth(args.ground_truth)
+        query_paths, database_paths = truth.queries, truth.database
+        positives = [entry["ok"] for entry in truth.gnd]
+        source = {"ground_truth": str(args.ground_truth.resolve())}
+    settings, (queries, database) = backbone.file_features(
+        {"queries": query_paths, "database": database_paths},
+        {"view": "squash", "imsize": args.imsize, "scales": [1.0], **image_source(args.ground_truth or args.data)},
+        functools.partial(squashed_batches, size=args.imsize, batch_size=backbone.batch_size, workers=backbone.workers),
+    )
+    row = {"mAP": copy_detection_map(queries.features, database.features, positives, top=args.top)}
+    protocol = {"variant": "paper", "imsize": args.imsize, "resize": "squashed to imsize x imsize, bicubic",
+                "top": args.top, "queries": len(query_paths), "distractors": None, "whitening": None, **source}  # fmt: skip
+    return Report("copy detection", [row], {**settings, **sizes(queries, database), **protocol})

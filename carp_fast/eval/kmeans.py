@@ -20,14 +20,19 @@ convention) and ``"none"`` are kept as options; they are not the paper's.
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .features import check_labelled, check_same_dim
+from .frozen import FrozenBackbone
+from .report import Report, sizes
 
 PREPROCESS = ("standardize", "l2", "none")  # the first is the paper's
+NITER = 100  # paper D.4
 NREDO = 20  # paper D.4; the official script uses 10
 MAX_POINTS_PER_CENTROID = 256  # faiss's default, which the official script keeps
 SEED = 1234  # faiss's default seed, which the official script keeps
@@ -48,10 +53,10 @@ def kmeans_evaluate(
     test_labels: torch.Tensor | None = None,
     *,
     num_clusters: int | None = None,
-    niter: int = 100,
+    niter: int = NITER,
     nredo: int = NREDO,
     spherical: bool = True,
-    preprocess: str = "standardize",
+    preprocess: str = PREPROCESS[0],
     max_points_per_centroid: int | None = MAX_POINTS_PER_CENTROID,
     seed: int = SEED,
     gpu: bool | None = None,
@@ -148,3 +153,30 @@ def _preprocess(train: torch.Tensor, test: torch.Tensor, how: str) -> tuple[np.n
         np.ascontiguousarray(train_np, dtype=np.float32),
         np.ascontiguousarray(test_np, dtype=np.float32),
     )
+
+
+# --- carp-fast eval kmeans ------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--niter", type=int, default=NITER)
+    parser.add_argument("--nredo", type=int, default=NREDO, help="paper D.4 says 20 redos; the official script runs 10")
+    parser.add_argument("--preprocess", choices=PREPROCESS, default=PREPROCESS[0], help="standardize (train mean/std, the paper's) | l2 | none")
+    parser.add_argument("--max-points-per-centroid", type=int, default=MAX_POINTS_PER_CENTROID, help="faiss subsamples the fit to this many points per centroid (faiss default, kept by the official script); 0: all")
+    parser.add_argument("--subset-file", type=Path, default=None, help="fit on the training images named in this list (SimCLR's 10%% ImageNet subset: one nXXXXXXXX_YYYY.JPEG per line)")
+    parser.add_argument("--seed", type=int, default=SEED, help="faiss seed (its default, which the official script keeps)")
+
+
+def run_from_args(args: argparse.Namespace, backbone: FrozenBackbone) -> Report:
+    """NMI / AMI / ARI of k-means fitted on the training features (or the ``--subset-file`` ones)."""
+    settings, (train, test) = backbone.labelled_features(args, subset_file=args.subset_file)
+    paper = args.preprocess == PREPROCESS[0] and args.nredo in (10, 20) and args.niter == NITER
+    max_points = args.max_points_per_centroid or None  # 0: every training feature
+    protocol = {"variant": "paper" if paper else "custom", "niter": args.niter, "nredo": args.nredo,
+                "preprocess": args.preprocess, "spherical": True, "num_clusters": "number of classes",
+                "max_points_per_centroid": max_points, "seed": args.seed,
+                "subset_file": None if args.subset_file is None else str(args.subset_file.resolve())}  # fmt: skip
+    result = kmeans_evaluate(train.features, train.labels, test.features, test.labels, niter=args.niter,
+                             nredo=args.nredo, preprocess=args.preprocess, max_points_per_centroid=max_points,
+                             seed=args.seed)  # fmt: skip
+    return Report("k-means", [result._asdict()], {**settings, **sizes(train, test), **protocol})

@@ -12,18 +12,23 @@ similarity matrix exists at once (a 1.28M x 2048 ImageNet bank never needs the f
 ``[n_test, n_train]`` matrix). On a machine with CUDA the bank is moved to the GPU and the
 matrix products run there; otherwise everything runs on the CPU.
 
-This module imports only torch (and the torch-only input checks of ``features``): the
-training loop's k-NN monitor imports it.
+This module imports only torch (and the torch-only input checks of ``features``, and
+``report``'s record type): the training loop's k-NN monitor imports it. The end of the
+module is ``carp-fast eval knn``: its options and its run.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, NamedTuple, Sequence
+import argparse
+import sys
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .features import check_labelled, check_same_dim
+from .frozen import FrozenBackbone
+from .report import Report, sizes
 
 KS = (10, 20, 100, 200)  # DINO's sweep; 20 is the number the paper reports
 TEMPERATURE = 0.07
@@ -86,32 +91,21 @@ def knn_accuracy(
     test_labels: torch.Tensor,
     *,
     k: int = 20,
-    temperature: float = TEMPERATURE,
-    num_classes: int | None = None,
-    device: torch.device | str | None = None,
-    chunk_size: int | None = None,
+    **options: Any,
 ) -> KNNResult:
     """Top-1 / top-5 accuracy (percent) of :func:`knn_classify` against ``test_labels``.
 
     Args:
         test_labels: ``[n_test]`` integer labels; the other arguments as in
             :func:`knn_classify`.
+        options: ``temperature``, ``num_classes``, ``device``, ``chunk_size`` of
+            :func:`knn_accuracies` (its defaults).
 
     Returns:
         ``KNNResult(top1, top5)``. Top-5 counts a hit only for a class that received at
         least one vote (at k < 5 fewer than 5 classes can be voted for).
     """
-    return knn_accuracies(
-        train_features,
-        train_labels,
-        test_features,
-        test_labels,
-        ks=(k,),
-        temperature=temperature,
-        num_classes=num_classes,
-        device=device,
-        chunk_size=chunk_size,
-    )[k]
+    return knn_accuracies(train_features, train_labels, test_features, test_labels, ks=(k,), **options)[k]
 
 
 def knn_accuracies(
@@ -259,3 +253,29 @@ def loader_knn(
     test = extract_features(model, queries, device=device, progress=False)
     return knn_accuracy(train.features, train.labels, test.features, test.labels,
                         k=min(k, len(train.labels)), temperature=temperature)
+
+
+# --- carp-fast eval knn ---------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--k", type=int, nargs="+", default=list(KS), help="neighbours (paper reports 20)")
+    parser.add_argument("--temperature", type=float, default=TEMPERATURE, help="T in the vote weight exp(sim / T)")
+
+
+def run_from_args(args: argparse.Namespace, backbone: FrozenBackbone) -> Report:
+    """Accuracy at every ``--k`` that fits the bank of training features (a note names the others)."""
+    settings, (train, test) = backbone.labelled_features(args)
+    n_train = len(train.labels)
+    ks = [k for k in args.k if 1 <= k <= n_train]
+    skipped = [k for k in args.k if k not in ks]
+    if skipped:  # a small bank: report the k that fit rather than nothing
+        print(f"carp-fast eval knn: note: skipping k = {skipped}, larger than the bank of n_train = {n_train} "
+              "training features (or below 1)", file=sys.stderr)  # fmt: skip
+    if not ks:
+        raise ValueError(f"every k in {args.k} is outside 1..n_train = {n_train}; pass a smaller --k")
+    results = knn_accuracies(train.features, train.labels, test.features, test.labels,
+                             ks=ks, temperature=args.temperature, device=backbone.device)  # fmt: skip
+    rows = [{"k": k, "temperature": args.temperature, "top1": r.top1, "top5": r.top5} for k, r in results.items()]
+    protocol = {"variant": "paper", "k": ks, "k_skipped": skipped, "temperature": args.temperature}
+    return Report("k-NN", rows, {**settings, **sizes(train, test), **protocol})

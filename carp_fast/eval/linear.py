@@ -13,6 +13,7 @@ across backbones whose feature scales differ by orders of magnitude.
 
 from __future__ import annotations
 
+import argparse
 import math
 from typing import Any, NamedTuple
 
@@ -21,6 +22,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .features import check_labelled, check_same_dim
+from .frozen import FrozenBackbone
+from .report import Report, sizes
+
+LR = 0.1  # peak learning rate
+WEIGHT_DECAY = 0.0
 
 
 class LinearProbeResult(NamedTuple):
@@ -40,9 +46,9 @@ def linear_probe(
     num_classes: int | None = None,
     epochs: int = 100,
     batch_size: int = 256,
-    lr: float = 0.1,
+    lr: float = LR,
     momentum: float = 0.9,
-    weight_decay: float = 0.0,
+    weight_decay: float = WEIGHT_DECAY,
     standardize: bool = True,
     seed: int = 0,
     device: torch.device | str | None = None,
@@ -125,3 +131,20 @@ def linear_probe(
         top1 = 100.0 * correct[:, 0].float().mean().item()
         top5 = 100.0 * correct.any(dim=1).float().mean().item()
     return LinearProbeResult(top1, top5, settings)
+
+
+# --- carp-fast eval linear --protocol fast (options: .linear_grid.add_arguments) --------
+
+
+def run_from_args(args: argparse.Namespace, backbone: FrozenBackbone) -> Report:
+    """Top-1 / top-5 of one probe on cached centre-crop features (not the paper's protocol)."""
+    settings, (train, test) = backbone.labelled_features(args)
+    result = linear_probe(
+        train.features, train.labels, test.features, test.labels,
+        epochs=args.epochs, lr=args.lr, batch_size=args.probe_batch_size,
+        weight_decay=args.weight_decay, seed=args.seed, device=backbone.device,
+    )  # fmt: skip
+    row = {"top1": result.top1, "top5": result.top5}
+    protocol = {"variant": "fast", "not_the_paper": "one SGD probe on cached, unaugmented, standardised features",
+                **result.settings}  # fmt: skip
+    return Report("linear probe (fast, not the paper's)", [row], {**settings, **sizes(train, test), **protocol})

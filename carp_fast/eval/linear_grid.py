@@ -23,6 +23,7 @@ the update of every head runs in a few batched tensor ops.
 
 from __future__ import annotations
 
+import argparse
 import math
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
@@ -30,8 +31,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import linear
+from .data import augmented_epochs
 from .features import check_labelled, progress_bar
+from .frozen import FrozenBackbone
+from .report import Report, add_variant_argument
 
+EPOCHS = 100  # paper D.1
 OPTIMIZERS = ("sgd", "lars")
 IBOT_LRS = tuple(round(base * n, 10) for base in (1e-4, 1e-3, 1e-2, 1e-1, 1.0) for n in range(1, 10))
 WEIGHT_DECAYS = (0.0, 1e-6)
@@ -88,7 +94,7 @@ def linear_grid(
     num_classes: int,
     backbone: nn.Module | None = None,
     grid: Sequence[Setting] = GRID,
-    epochs: int = 100,
+    epochs: int = EPOCHS,
     schedule: str = "cosine",
     milestones: Sequence[int] = (),
     lr_batch_size: int | None = None,
@@ -191,3 +197,50 @@ def _step(weight, bias, grad_w, grad_b, buffers, lr, decay, is_lars, momentum, e
     for param, buf, d in ((weight, buffers[0], d_w), (bias, buffers[1], d_b)):
         buf.mul_(momentum).add_(d)
         param.sub_(lr.view((-1,) + (1,) * (param.ndim - 1)) * buf)
+
+
+# --- carp-fast eval linear --------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The paper's grid, and the cached probe of ``--protocol fast`` (:mod:`.linear`)."""
+    add_variant_argument(parser, "paper: iBOT grid on random-resized-crop views, 100 epochs; fast: one SGD probe on cached centre-crop features (not the paper's)")
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--probe-batch-size", type=int, default=256, help="images (paper) or features (fast) per step; the paper's lrs scale by it / 256")
+    parser.add_argument("--crop-size", type=int, default=None, help="paper: side of the random resized crop (default: --size)")
+    parser.add_argument("--lrs", type=float, nargs="+", default=None, help="paper: base lrs of the grid (default iBOT's 45: 1e-4 ... 9)")
+    parser.add_argument("--weight-decays", type=float, nargs="+", default=list(WEIGHT_DECAYS), help="paper: weight decays of the grid")
+    parser.add_argument("--optimizers", choices=OPTIMIZERS, nargs="+", default=list(OPTIMIZERS), help="paper: optimisers of the grid")
+    parser.add_argument("--lr", type=float, default=linear.LR, help="fast: peak learning rate (cosine decay)")
+    parser.add_argument("--weight-decay", type=float, default=linear.WEIGHT_DECAY, help="fast: weight decay")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_from_args(args: argparse.Namespace, backbone: FrozenBackbone) -> Report:
+    """The best head of the grid (``--protocol fast``: :func:`.linear.run_from_args`).
+
+    Test features cached (resize + centre crop); training views augmented every epoch and
+    fed through the frozen backbone to every head of the grid."""
+    if args.variant == "fast":
+        return linear.run_from_args(args, backbone)
+    from carp_fast.pipelines import open_split
+
+    settings, (test,) = backbone.labelled_features(args, splits=("test",))
+    crop = args.crop_size or settings["size"]
+    grid = [Setting(lr, wd, opt) for lr in (args.lrs or IBOT_LRS) for wd in args.weight_decays for opt in args.optimizers]
+    source = open_split(args.data, "train")
+    if args.train_limit is not None and args.train_limit < len(source):
+        source = source.subset(args.train_limit, args.subset_seed)
+    epoch_batches = augmented_epochs(source, size=crop, batch_size=args.probe_batch_size,
+                                     workers=backbone.workers, seed=args.seed)  # fmt: skip
+    num_classes = int(max(int(source.labels.max()), int(test.labels.max()))) + 1
+    result = linear_grid(
+        epoch_batches, test.features, test.labels, num_classes=num_classes, backbone=backbone.load(), grid=grid,
+        epochs=args.epochs, lr_batch_size=args.probe_batch_size, seed=args.seed, device=backbone.device,
+        amp=backbone.amp, progress=backbone.progress,
+    )  # fmt: skip
+    protocol = {"variant": "paper", "epochs": args.epochs, "train_views": f"random resized crop {crop} + flip, every epoch (torchvision)",
+                "batch_size": args.probe_batch_size, "lr_scaling": "lr * batch_size / 256", "schedule": "cosine per epoch",
+                "momentum": MOMENTUM, "lars_eta": ETA, "n_heads": len(grid), "grid": result.grid, "seed": args.seed}  # fmt: skip
+    sizes = {"n": [len(source), len(test.labels)], "feature_dim": int(test.features.shape[1])}
+    return Report("linear evaluation (paper: best head of the grid)", [dict(result.best)], {**settings, **sizes, **protocol})

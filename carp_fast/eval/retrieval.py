@@ -30,6 +30,8 @@ the pickle; :func:`load_revisitop`), or a JSON file for other data sets
 
 from __future__ import annotations
 
+import argparse
+import functools
 import json
 import math
 import os
@@ -42,7 +44,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .data import thumbnail_batches
 from .features import check_same_dim
+from .frozen import FrozenBackbone, image_source
+from .report import Report, add_variant_argument, sizes
 
 KAPPAS = (1, 5, 10)  # mP@k reported by revisitop / DINO
 IMSIZE = 512  # longer side, DINO's --imsize as the paper runs it
@@ -296,3 +301,42 @@ def retrieval_map(
         maps[name] = 100.0 * mean_ap
         mp_at[name] = {k: 100.0 * float(p) for k, p in zip(kappas, mpr)}
     return RetrievalResult(maps["easy"], maps["medium"], maps["hard"], mp_at)
+
+
+# --- carp-fast eval retrieval ---------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ground-truth", type=Path, required=True, help="revisitop's gnd_roxford5k.pkl / gnd_rparis6k.pkl (images in jpg/ beside it), or a JSON (see carp_fast.eval.retrieval)")
+    add_variant_argument(parser, "paper: whole image, longer side --imsize, 3 scales; fast: a --size centre crop at one scale (not the paper's)")
+    parser.add_argument("--imsize", type=int, default=IMSIZE, help="paper: longer side of each image (DINO --imsize)")
+    parser.add_argument("--multiscale", action=argparse.BooleanOptionalAction, default=True, help="paper: average features over scales 1, 1/sqrt(2), 1/2")
+
+
+def run_from_args(args: argparse.Namespace, backbone: FrozenBackbone) -> Report:
+    """mAP (Easy / Medium / Hard) and mP@k of the ``--ground-truth`` queries."""
+    truth = load_ground_truth(args.ground_truth)
+    images = {"queries": truth.queries, "database": truth.database}
+    if args.variant == "paper":
+        scales = SCALES if args.multiscale else (1.0,)
+        settings, (queries, database) = backbone.file_features(
+            images,
+            {"view": "thumbnail", "imsize": args.imsize, "scales": list(scales), **image_source(args.ground_truth)},
+            functools.partial(thumbnail_batches, imsize=args.imsize, workers=backbone.workers),
+            wrap=functools.partial(MultiScale, scales=scales) if len(scales) > 1 else None,
+        )
+        protocol = {"variant": "paper", "imsize": args.imsize, "multiscale": args.multiscale,
+                    "scales": list(scales), "resize": "PIL thumbnail (longer side = imsize, Lanczos)"}  # fmt: skip
+    else:
+        size = args.size or 224
+        resize = args.resize or size  # the shorter side to `size`, then the centre square
+        settings, (queries, database) = backbone.file_features(
+            images, {"size": size, "resize": resize, **image_source(args.ground_truth)}, backbone.centre_crops(size, resize)
+        )
+        protocol = {"variant": "fast", "not_the_paper": "a centre crop at one scale"}
+    result = retrieval_map(queries.features, database.features, truth.gnd)
+    row = {"mAP_easy": result.map_easy, "mAP_medium": result.map_medium, "mAP_hard": result.map_hard}
+    for name, values in result.mp_at.items():
+        row.update({f"mP@{k}_{name}": v for k, v in values.items()})
+    protocol["ground_truth"] = str(args.ground_truth.resolve())
+    return Report("retrieval", [row], {**settings, **sizes(queries, database), **protocol})

@@ -22,6 +22,7 @@ The official ``evaluations/few-shot/eval_svm_voc.py`` (after PCL, Li et al. 2021
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -29,7 +30,9 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-from .features import progress_bar
+from .fewshot import FewShotResult, repeat_draws
+from .frozen import FrozenBackbone
+from .report import Report, sizes
 
 CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -39,7 +42,7 @@ CLASSES = (
 SHOTS = (1, 2, 4, 8, 16)
 RUNS = 5
 COST = 0.5  # LinearSVC C of the official script
-DIFFICULT = ("negative", "ignore")
+DIFFICULT = ("negative", "ignore")  # the first is the official code's
 
 
 class VOCSplit(NamedTuple):
@@ -47,15 +50,6 @@ class VOCSplit(NamedTuple):
 
     paths: list[str]
     labels: np.ndarray
-
-
-class VOCResult(NamedTuple):
-    """mAP (percent) for one n: mean and std over runs, and every run."""
-
-    n: int
-    mean: float
-    std: float
-    runs: list[float]
 
 
 def voc_root(root: str | os.PathLike) -> Path:
@@ -162,7 +156,7 @@ def svm_map(
     test_labels: np.ndarray,
     *,
     cost: float = COST,
-    difficult: str = "negative",
+    difficult: str = DIFFICULT[0],
 ) -> tuple[float, list[float]]:
     """Train one LinearSVC per class and score its test AP.
 
@@ -205,34 +199,62 @@ def voc_few_shot(
     shots: Sequence[int] = SHOTS,
     runs: int = RUNS,
     cost: float = COST,
-    difficult: str = "negative",
+    difficult: str = DIFFICULT[0],
     progress: bool = False,
-) -> dict[int, VOCResult]:
+) -> dict[int, FewShotResult]:
     """Few-shot VOC07 mAP for every n in ``shots``, over ``runs`` draws (run r: seed r).
 
     Args as :func:`svm_map`; ``train_*`` is the trainval pool the shots are drawn from.
 
     Returns:
-        ``{n: VOCResult(n, mean, std, runs)}``, std the population std (as ``np.std``).
+        ``{n: FewShotResult(n, mean, std, runs)}`` of the mAP in percent, std the population
+        std (as ``np.std``).
     """
     if runs < 1:
         raise ValueError(f"runs must be at least 1, got {runs}")
     if len(train_features) != len(train_labels) or len(test_features) != len(test_labels):
         raise ValueError("features and labels must have one row per image")
-    results = {}
-    with progress_bar(progress, "VOC07 SVMs", len(shots) * runs) as advance:
-        for n in shots:
-            maps = []
-            for run in range(runs):
-                index = sample_voc_few_shot(train_labels, n, seed=run)
-                maps.append(svm_map(train_features[torch.as_tensor(index)], train_labels[index],
-                                    test_features, test_labels, cost=cost, difficult=difficult)[0])  # fmt: skip
-                advance()
-            results[n] = VOCResult(n, float(np.mean(maps)), float(np.std(maps)), maps)
-    return results
+
+    def mean_ap(n: int, run: int) -> float:
+        index = sample_voc_few_shot(train_labels, n, seed=run)
+        return svm_map(train_features[torch.as_tensor(index)], train_labels[index],
+                       test_features, test_labels, cost=cost, difficult=difficult)[0]  # fmt: skip
+
+    return repeat_draws(mean_ap, shots, runs, description="VOC07 SVMs", progress=progress)
 
 
 def _normalised(features: torch.Tensor) -> np.ndarray:
     """``[n, D]`` float64 numpy, rows divided by (norm + 1e-5) as the official code."""
     x = features.detach().cpu().double().numpy()
     return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-5)
+
+
+# --- carp-fast eval voc07 -------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="VOC2007 folder (JPEGImages/, ImageSets/Main/), or VOCdevkit/ or its parent")
+    parser.add_argument("--shots", type=int, nargs="+", default=list(SHOTS))
+    parser.add_argument("--runs", type=int, default=RUNS)
+    parser.add_argument("--cost", type=float, default=COST, help="LinearSVC C (official: 0.5)")
+    parser.add_argument("--difficult", choices=DIFFICULT, default=DIFFICULT[0], help="difficult (0) labels: negatives as the official code, or left out of the AP")
+
+
+def run_from_args(args: argparse.Namespace, backbone: FrozenBackbone) -> Report:
+    """mAP mean and std over ``--runs`` draws for every n of ``--shots``, on resize + centre
+    crop views (224 / 256 unless ``--size`` / ``--resize``)."""
+    splits = {name: read_voc_split(args.data, name) for name in ("trainval", "test")}
+    size, resize = args.size or 224, args.resize or 256
+    settings, (trainval, test) = backbone.file_features(
+        {f"voc07-{name}": split.paths for name, split in splits.items()},
+        {"data": str(Path(args.data).resolve()), "size": size, "resize": resize},
+        backbone.centre_crops(size, resize),
+    )
+    results = voc_few_shot(trainval.features, splits["trainval"].labels, test.features, splits["test"].labels,
+                           shots=args.shots, runs=args.runs, cost=args.cost, difficult=args.difficult,
+                           progress=backbone.progress)  # fmt: skip
+    rows = [{"n": r.n, "mAP_mean": r.mean, "mAP_std": r.std, "runs": r.runs} for r in results.values()]
+    protocol = {"variant": "paper", "classifier": "LinearSVC per class", "cost": args.cost,
+                "class_weight": {"1": 2, "-1": 1}, "features": "L2-normalised", "ap": "VOC interpolated, all points",
+                "difficult": args.difficult, "shots": args.shots, "runs": args.runs}  # fmt: skip
+    return Report("few-shot VOC07 (linear SVMs)", rows, {**settings, **sizes(trainval, test), **protocol})

@@ -27,9 +27,6 @@ from ..loss import BlockLogits, check_block_logits
 STUDENT_TEMPERATURE = 0.1  # tau_s (paper and official default)
 
 
-MaSSLOutput = BlockLogits  # what MaSSLStudentTeacher returns: the same type as CARP's (fastai rebuilds it)
-
-
 def massl_block_loss(
     student_block_logits: Tensor,
     teacher_block_logits: Tensor,
@@ -75,7 +72,7 @@ def massl_block_loss(
 class MaSSLLoss:
     """fastai ``loss_func``: ``MaSSLLoss()(pred, *yb)`` returns the MaSSL loss of ``pred``.
 
-    ``pred`` is a :class:`MaSSLOutput` (or any object with ``student`` and ``teacher``
+    ``pred`` is a :class:`~carp_fast.loss.BlockLogits` (or any object with ``student`` and ``teacher``
     block logits); labels in ``yb`` are ignored. ``teacher_temperature`` is set before every
     batch by :class:`carp_fast.massl.temperature.TeacherTemperatureWarmup`; the detached loss of
     the last call stays in ``self.last`` for logging, without a host synchronisation.

@@ -17,11 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..distributed import world_size
 from ..networks import full_precision_matmul
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class Memory(nn.Module):
@@ -90,7 +87,7 @@ class Memory(nn.Module):
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embeddings.shape[1]:
             raise ValueError(f"memory writes take [N, D={self.embeddings.shape[1]}] embeddings, got {tuple(embeddings.shape)}")
         rows = embeddings.detach().to(self.embeddings).contiguous()  # fp32, the memory's device
-        world = _world_size()
+        world = world_size()
         if world > 1:
             parts = [torch.empty_like(rows) for _ in range(world)]
             dist.all_gather(parts, rows)

@@ -19,7 +19,7 @@ class MaSSLStats(CARPStats):
     nearest slots, and the teacher temperature. The non-finite stop (shared by every
     process) and the collapse warning are CARPStats'. Expects ``learn.loss_func.last`` (a
     :class:`~carp_fast.massl.loss.MaSSLLoss`), ``learn.pred`` a
-    :class:`~carp_fast.massl.loss.MaSSLOutput` and ``learn.model.memory``.
+    :class:`~carp_fast.loss.BlockLogits` and ``learn.model.memory``.
     """
 
     name = "massl_stats"  # learn.massl_stats (fastai would make it ma_ssl_stats)

@@ -21,10 +21,10 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def _flag_tensor(value: int) -> torch.Tensor:
+def _flag_tensor(*values: int) -> torch.Tensor:
     # NCCL moves only CUDA tensors; gloo (CPU processes) only CPU ones.
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    return torch.tensor([int(value)], device=device, dtype=torch.int64)
+    return torch.tensor([int(v) for v in values], device=device, dtype=torch.int64)
 
 
 def main_process_value(value: int) -> int:
@@ -48,3 +48,18 @@ def any_process(flag: bool) -> bool:
     tensor = _flag_tensor(flag)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
+
+
+def main_process() -> bool:
+    """True on rank 0 (and without torch.distributed)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def shared_flags(*flags: bool) -> tuple[bool, ...]:
+    """Each flag True on every rank when it is True on at least one: one all-reduce of the
+    maximum for all of them (a flag only the main process computes is its value everywhere)."""
+    if world_size() == 1:
+        return tuple(bool(f) for f in flags)
+    tensor = _flag_tensor(*(bool(f) for f in flags))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in tensor.tolist())

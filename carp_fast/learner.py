@@ -10,6 +10,9 @@ callbacks (:mod:`carp_fast.carp`, :mod:`carp_fast.massl.method`).
 
 from __future__ import annotations
 
+import inspect
+import itertools
+
 import torch
 from fastai.callback.core import CancelEpochException, TrainEvalCallback
 from fastai.learner import Learner
@@ -20,6 +23,7 @@ from .callbacks.channels_last import ChannelsLastInputs
 from .callbacks.data_wait import DataWait
 from .callbacks.epoch_sync import EpochSync
 from .callbacks.precision import auto_channels_last, precision_callbacks
+from .callbacks.preemption import Preemption
 from .callbacks.progress import RichProgress
 from .callbacks.recorder import DeviceRecorder
 from .method import Method, MethodConfig
@@ -27,14 +31,18 @@ from .sync_bn import convert_sync_batchnorm
 
 
 class PretrainLearner(Learner):
-    """fastai's Learner, able to start a fit at ``self.first_epoch`` (a resumed run).
+    """fastai's Learner, able to start a fit at batch ``first_batch`` of epoch ``first_epoch``
+    (a resumed run; :func:`carp_fast.checkpoint.restore_checkpoint` sets both).
 
     fastai's own ``fit(start_epoch=...)`` cancels the skipped epochs one by one, which still
     runs every callback's ``after_epoch`` for them (metrics, checkpoints, k-NN); here they
-    are simply not iterated.
+    are simply not iterated. Inside the first epoch, a loader with ``set_epoch(epoch,
+    start_batch=b)`` (:class:`carp_fast.pipelines.EpochLoader`) starts at batch b with the
+    batches an uninterrupted epoch has there; another loader has its first b batches read
+    and dropped (exact only if its order does not depend on the random state).
     """
 
-    first_epoch = 0
+    first_epoch = first_batch = 0
 
     def _do_fit(self):
         try:
@@ -45,7 +53,25 @@ class PretrainLearner(Learner):
                 self._with_events(self._do_epoch, "epoch", CancelEpochException)
                 epoch += 1
         finally:
-            self.first_epoch = 0  # a resume applies to one fit
+            self.first_epoch = self.first_batch = 0  # a resume applies to one fit
+            for cb in self.cbs:  # fastai skips after_fit when fit raises: signal handlers go back here
+                if isinstance(cb, Preemption):
+                    cb.release()
+
+    def all_batches(self):
+        "fastai's, from batch ``first_batch`` in the first training epoch of a resumed fit."
+        start = self.first_batch if self.training else 0
+        if not start:
+            return super().all_batches()
+        self.first_batch, self.n_iter = 0, len(self.dl)
+        set_epoch = getattr(self.dl, "set_epoch", None)
+        if set_epoch is not None and "start_batch" in inspect.signature(set_epoch).parameters:
+            set_epoch(self.epoch, start_batch=start)
+            batches = iter(self.dl)
+        else:
+            batches = itertools.islice(self.dl, start, None)
+        for i, batch in enumerate(batches, start):
+            self.one_batch(i, batch)
 
 
 def method_learner(

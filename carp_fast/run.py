@@ -22,12 +22,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from .callbacks.preemption import EXIT_PREEMPTED
+from . import run_folder
 from .carp import CARP
 from .learner import method_learner
 from .method import Method
@@ -48,6 +51,9 @@ class TrainSettings:
                                           "this machine does in it (measured on the first steps; none: --epochs exactly)")
     train_images: int = setting(0, "pretrain on a fixed random subset of this many images (0: all)")
     resume: bool = setting(False, "continue from out/checkpoint.pth")
+    overwrite: bool = setting(False, "start afresh in an --out that holds another run: first delete its metrics.jsonl, "
+                                     "summary.json, baselines.json, checkpoint*, backbone_teacher.* and tensorboard/ "
+                                     "(other files stay); without it or --resume such an --out is refused")
     # Crops (the global crop count is the method's global_crops)
     global_size: int = setting(224, "global crop size in pixels")
     local_size: int = setting(96, "local crop size in pixels")
@@ -66,6 +72,9 @@ class TrainSettings:
     eval_resize: int | None = setting(256, "evaluation resize before the centre crop (None: none)")
     knn_random_init: bool = setting(False, "also evaluate the network at initialisation and raw pixels (printed side by side)")
     checkpoint_every: int = setting(1, "epochs between checkpoints")
+    checkpoint_minutes: float | None = setting(None, "minutes between checkpoints inside an epoch (None: at epoch ends only)")
+    stop_signals: str = setting("SIGTERM,SIGINT,SIGUSR1", "signals that stop the run with a checkpoint at the step's end "
+                                                          "(exit status 75; '--resume' continues); '' for none")
     progress: bool = setting(True, "show progress (a bar on a terminal; lines in a redirected log)")
 
     def __post_init__(self):
@@ -86,9 +95,18 @@ class TrainSettings:
             (self.knn_every >= 0 and self.knn_bank >= 0 and self.knn_queries >= 0, "--knn-every, --knn-bank and --knn-queries must be >= 0"),
             (self.eval_resize is None or self.eval_resize >= self.eval_size, "--eval-resize must be >= --eval-size (or None)"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
+            (self.checkpoint_minutes is None or self.checkpoint_minutes > 0, "--checkpoint-minutes must be > 0 (or none)"),
+            (all(isinstance(getattr(signal, n, None), signal.Signals) for n in self.signal_names()),
+             "--stop-signals must name signals, e.g. SIGTERM,SIGINT,SIGUSR1"),
         ]
         check_all(checks, lambda message: f"{message}, got {self._value_of(message)}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other: continue the run in --out, or delete it and start afresh")
         _check_data(self.data)
+
+    def signal_names(self) -> list[str]:
+        """``stop_signals`` as a list of names (``SIGTERM``...)."""
+        return [n.strip() for n in self.stop_signals.split(",") if n.strip()]
 
     def _value_of(self, message: str) -> str:
         option = message.split()[0].removeprefix("--").replace("-", "_")
@@ -112,17 +130,27 @@ class SettingsError(ValueError):
     """A setting that cannot work, found while starting the run; the command line exits 2."""
 
 
+EXIT_SETTINGS, EXIT_NON_FINITE, EXIT_DISK_FULL = 2, 3, 74  # and EXIT_PREEMPTED, 75 (callbacks.preemption)
+
+
 def command_line(main: Callable) -> Callable:
-    """Decorates a recipe's ``main``: a :class:`SettingsError` ends the program with one
-    ``error:`` line and exit status 2, as argparse does for a malformed option."""
+    """Decorates a recipe's ``main``: the stops a user acts on end the program with one
+    ``error:`` line and a status of their own instead of a traceback: a :class:`SettingsError`
+    2 (as argparse for a malformed option), a non-finite loss or state 3 (lower the learning
+    rate), a full disk 74 (sysexits' EX_IOERR). A signal's stop is 75 (:func:`pretrain`)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        from .callbacks import NonFiniteError
+        from .checkpoint import DiskFullError
+
         try:
             return main(*args, **kwargs)
-        except SettingsError as error:
-            print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
-            raise SystemExit(2) from None
+        except (SettingsError, NonFiniteError, DiskFullError) as error:
+            status = EXIT_SETTINGS if isinstance(error, SettingsError) else EXIT_NON_FINITE if isinstance(error, NonFiniteError) else EXIT_DISK_FULL
+            message = str(error).split("\n\t")[-1]  # without fastai's "Exception occured in <callback>" prefix
+            print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+            raise SystemExit(status) from None
 
     return wrapper
 
@@ -161,6 +189,8 @@ def pretrain(method: Method, defaults: dict, argv=None, description: str | None 
     learn.add_cbs(run_callbacks(settings, config, sources, accelerator, started))  # metrics, checkpoints (resume), k-NN, budget
     baselines = knn_baselines(learn, settings)  # with --knn-random-init: the network at initialisation and the raw pixels
     learn.fit(settings.epochs)
+    if getattr(learn, "preempted", None):  # stopped by a signal: checkpointed, nothing to finish
+        raise SystemExit(EXIT_PREEMPTED)
     return finish(learn, settings, config, baselines)
 
 
@@ -194,7 +224,10 @@ def start(settings: TrainSettings, config):
     except ValueError as error:
         raise SettingsError(str(error)) from None
     set_seed(config.seed)
-    Path(settings.out).mkdir(parents=True, exist_ok=True)
+    try:  # --out: not a file, no live run in it, no other run's files unless --resume or --overwrite; locked
+        run_folder.claim(settings.out, resume=settings.resume, overwrite=settings.overwrite, main=accelerator.is_main_process)
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
     return accelerator
 
 
@@ -253,7 +286,7 @@ def run_callbacks(settings: TrainSettings, config, sources: Sources, accelerator
     (and, with ``--resume``, the restore of everything at the start of ``fit``), the k-NN
     monitor and the time budget (``--minutes`` from ``started``, a ``time.time()``; None: the
     start of the fit)."""
-    from .callbacks import Checkpointer, KNNMonitor, MetricsLogger, TimeBudget
+    from .callbacks import Checkpointer, KNNMonitor, MetricsLogger, Preemption, TimeBudget
     from .pipelines import eval_loader
 
     out = Path(settings.out)
@@ -262,7 +295,7 @@ def run_callbacks(settings: TrainSettings, config, sources: Sources, accelerator
         checkpointer = Checkpointer(out, run_settings, every=settings.checkpoint_every, resume=settings.resume)
     except (FileNotFoundError, ValueError) as error:
         raise SettingsError(f"--resume: {error}") from None
-    callbacks = [MetricsLogger(out), checkpointer]
+    callbacks = [MetricsLogger(out), checkpointer, Preemption(settings.checkpoint_minutes, settings.signal_names())]
     if sources.queries is not None and (settings.knn_every > 0 or settings.knn_random_init):
         eval_kw = dict(size=settings.eval_size, resize=settings.eval_resize, batch_size=256, backend=settings.backend,
                        device=accelerator.device, workers=settings.workers)
@@ -329,6 +362,7 @@ def finish(learn, settings: TrainSettings, config, baselines: dict) -> dict:
                 f.write(json.dumps({"epoch": learn.epoch, "final": True, **knn_numbers}) + "\n")
             _print_comparison(summary, knn)
     accelerator.wait_for_everyone()
+    run_folder.release(out)  # the run is written: another may use --out (the OS releases it at exit anyway)
     return summary
 
 

@@ -7,7 +7,10 @@ A loader yields one tuple per step:
 
 Epochs: iterating runs epoch `self.epoch` and then advances it; `set_epoch(e)` makes the
 next iteration run epoch e, whose order (and augmentation seeds) are a pure function of
-(seed, e, shard): a resumed run replays its epochs exactly. Each epoch runs on a fresh
+(seed, e, shard): a resumed run replays its epochs exactly. `set_epoch(e, start_batch=b)`
+makes it start at batch b of epoch e with exactly the batches an uninterrupted epoch has there
+(a mid-epoch resume): a backend whose augmentations are seeded per image skips the first b
+batches' images (`skips_exactly`); another one produces and drops them. Each epoch runs on a fresh
 backend iterator (a DALI pipeline or torch DataLoader built for that epoch's order), so
 an abandoned iteration (a `break`, `one_batch()`) never leaves a later epoch mid-way
 or skips one.
@@ -39,6 +42,7 @@ class EpochLoader:
     """Base class: sharded epoch orders, exact `len`, device moves, fastai-facing attributes."""
 
     backend = "base"
+    skips_exactly = False  # True: per-image seeds, so starting the order at batch b changes no batch
 
     def __init__(self, source, *, batch_size: int, train: bool, shard_id: int, num_shards: int, seed: int,
                  device, mean, std) -> None:
@@ -49,7 +53,7 @@ class EpochLoader:
         self.shard_id, self.num_shards, self.seed = shard_id, num_shards, seed
         self.device = resolve_device(device)
         self.mean, self.std = tuple(mean), tuple(std)
-        self.epoch = 0
+        self.epoch, self.start_batch = 0, 0
         n = len(source)
         self._len = pretrain_steps(n, batch_size, num_shards) if train else -(-len(self._order(0)) // batch_size)
 
@@ -58,11 +62,14 @@ class EpochLoader:
         """Exact number of batches per epoch on this rank."""
         return self._len
 
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration run `epoch` (for resuming; iterating also advances it)."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Make the next iteration run `epoch` from its batch `start_batch` (for resuming;
+        iterating also advances the epoch, and starts the next one at its first batch)."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self.epoch = int(epoch)
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}] (the batches of an epoch), got {start_batch}")
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
 
     def _order(self, epoch: int) -> np.ndarray:
         n = len(self.source)
@@ -72,16 +79,22 @@ class EpochLoader:
         return eval_order(n, shard_id=self.shard_id, num_shards=self.num_shards)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        epoch = self.epoch
-        self.epoch = epoch + 1  # advanced up front: an abandoned epoch still counts as run
-        return self._iterate(self._order(epoch), epoch)
+        epoch, start = self.epoch, self.start_batch
+        self.epoch, self.start_batch = epoch + 1, 0  # advanced up front: an abandoned epoch still counts as run
+        return self._iterate(self._order(epoch), epoch, start)
 
-    def _iterate(self, order: np.ndarray, epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        steps = 0
+    def _iterate(self, order: np.ndarray, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+        """The batches of `order` from batch `start` on, on the loader's device."""
+        expected = -(-len(order) // self.bs)
+        if self.skips_exactly:
+            order, drop = order[start * self.bs:], 0
+        else:
+            drop = start  # sequential augmentation seeds: produce the first batches too, and drop them
+        steps = start - drop
         for batch in self._produce(order, epoch):
             steps += 1
-            yield self._to_device(batch)
-        expected = -(-len(order) // self.bs)
+            if steps > start:
+                yield self._to_device(batch)
         if steps != expected:  # a backend that ends early must not pass silently
             raise RuntimeError(f"{self.backend} loader produced {steps} batches, expected {expected}")
 

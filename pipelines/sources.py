@@ -42,6 +42,9 @@ class EncodedSource:
         self.empty_classes = empty_classes or []
         self._scan: ScanResult | None = None
         self._reported = False
+        self._strict = False  # check(strict=True): an image gone since the scan is an error too
+        self._gone: set[str] = set()  # images found unreadable after the scan
+        self._warned: set[str] = set()  # those of them reported (once each)
         if scan is not None:  # already scanned (a subset of a scanned source): no second scan
             self._use_scan(scan)
 
@@ -55,6 +58,7 @@ class EncodedSource:
         """Scan the files once; warn about (or, strict, raise on) unusable ones."""
         if self._scan is None:
             self._use_scan(scan_files(self._candidates))
+        self._strict = self._strict or strict
         if strict:
             report_bad(self._scan.bad, self.empty_classes, self.where, strict=True)
         elif not self._reported:
@@ -96,11 +100,48 @@ class EncodedSource:
         return len(self.files)
 
     def encoded(self, i: int) -> np.ndarray:
-        """The bytes of image i, `[nbytes]` uint8, in a format every decoder reads as RGB."""
+        """The bytes of image i, `[nbytes]` uint8, in a format every decoder reads as RGB.
+
+        An image that cannot be read any more (deleted, or made unreadable, after the scan) is
+        skipped as the scan's broken files are, with one warning naming it: the next readable
+        image of its class (else of any) stands in for it, so that batches keep their size,
+        epochs their length and every other image its place and augmentations. After
+        `check(strict=True)` it is an error naming the file.
+        """
+        try:
+            return self._read(i)
+        except OSError as error:  # FileNotFoundError, PermissionError, PIL's UnidentifiedImageError
+            return self._stand_in(i, error)
+
+    def _read(self, i: int) -> np.ndarray:
         path = self.files[i]  # scans first if needed, which sets `_convert`
         if self._convert[i]:
             return to_rgb_png(path)
         return np.fromfile(path, dtype=np.uint8)
+
+    def _stand_in(self, i: int, error: OSError) -> np.ndarray:
+        """The bytes of the next readable image after unreadable image i (its class first)."""
+        path, why = self._files[i], error.strerror or type(error).__name__
+        if self._strict:
+            raise OSError(f"{path}: unreadable since the pre-flight scan ({why}); strict=False skips it") from error
+        n, labels = len(self._files), self._labels
+        for same_class in (True, False):
+            for d in range(1, n):
+                j = (i + d) % n
+                if (labels[j] == labels[i]) != same_class or self._files[j] in self._gone:
+                    continue
+                try:
+                    data = self._read(j)
+                except OSError:
+                    self._gone.add(self._files[j])  # reported when its own turn comes
+                    continue
+                self._gone.add(path)
+                if path not in self._warned:
+                    self._warned.add(path)
+                    report_bad([(path, f"unreadable since the pre-flight scan: {why}; {self._files[j]} stands in for it")],
+                               [], self.where, strict=False)
+                return data
+        raise OSError(f"no readable image left in {self.where}: {path} and all the others are unreadable ({why})") from error
 
     def name(self, i: int) -> str:
         return self.files[i]

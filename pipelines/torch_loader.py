@@ -4,11 +4,17 @@ Used where DALI is not installed, and as the reference the DALI path is compared
 Each sample's augmentations are seeded from (seed, shard, epoch, index), so a batch is
 reproducible whatever the number of workers. Decoding is torchvision's libjpeg-turbo
 (`decode_image`) on the bytes the source returns; each image is decoded once and every
-crop is cut from the decoded tensor.
+crop is cut from the decoded tensor. libjpeg prints its warnings (`Corrupt JPEG data: ...`,
+data damaged in the middle of a file, which the pre-flight scan does not read) straight to
+stderr without a file name: they are caught there and warned about again with the file's name.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+import warnings
 from functools import partial
 from typing import Callable, Iterator
 
@@ -24,13 +30,58 @@ from carp_fast.pipelines.torch_augment import crop_transform, eval_transform
 
 
 def read_image(source, i: int) -> torch.Tensor:
-    """Image i of `source` as uint8 [3, H, W]."""
+    """Image i of `source` as uint8 [3, H, W]; a JPEG that libjpeg decodes with a complaint
+    (corrupt data) is named in a warning."""
     if source.is_encoded:
+        data = torch.from_numpy(source.encoded(i))
         try:
-            return decode_image(torch.from_numpy(source.encoded(i)), mode=ImageReadMode.RGB)
+            with _decoder_messages() as messages:
+                image = decode_image(data, mode=ImageReadMode.RGB)
         except RuntimeError as e:
             raise RuntimeError(f"could not decode {source.name(i)}: {e}") from e
+        if messages:
+            warnings.warn(f"{source.name(i)}: {'; '.join(messages)} (decoded as far as its data go)", stacklevel=2)
+        return image
     return torch.from_numpy(source.arrays(np.array([i]))[0]).permute(2, 0, 1)
+
+
+_capture: tuple[int, int] | None = None  # (pid, descriptor) of this process's capture file
+
+
+@contextlib.contextmanager
+def _decoder_messages():
+    """Collect what the decoder writes to stderr (file descriptor 2, where libjpeg prints) in the
+    block: its JPEG lines into the list yielded, anything else (another thread's) back to stderr.
+
+    A temporary file of this process (a forked worker opens its own) takes fd 2 for the block:
+    five system calls an image, no pipe that a long message could fill.
+    """
+    global _capture
+    lines: list[str] = []
+    if os.name != "posix":
+        yield lines
+        return
+    if _capture is None or _capture[0] != os.getpid():
+        fd, name = tempfile.mkstemp(prefix="carp_fast-decoder-")
+        os.unlink(name)
+        _capture = (os.getpid(), fd)
+    fd, saved = _capture[1], os.dup(2)
+    os.dup2(fd, 2)
+    try:
+        yield lines
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        size = os.fstat(fd).st_size
+        if size:
+            text = os.pread(fd, size, 0).decode(errors="replace")
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)  # fd 2 wrote through the same offset
+            ours = [line for line in text.splitlines() if "JPEG" in line or "jpeg" in line]
+            lines.extend(ours)
+            others = "".join(line for line in text.splitlines(keepends=True) if line.rstrip("\n") not in ours)
+            if others:
+                os.write(2, others.encode())
 
 
 class _ViewsDataset(Dataset):
@@ -60,6 +111,7 @@ class TorchvisionLoader(EpochLoader):
     """
 
     backend = "torchvision"
+    skips_exactly = True  # each image's augmentations are seeded from its index, not from a stream
 
     def __init__(self, source, *, transforms: list[Callable], workers: int, **kw) -> None:
         super().__init__(source, **kw)

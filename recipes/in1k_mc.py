@@ -23,6 +23,7 @@ IMAGENET = dict(
     knn_bank=100_000,  # k-NN monitor: a labelled 100k bank keeps it to minutes
     knn_queries=10_000,
     log_every=50,
+    checkpoint_minutes=20,  # a checkpoint inside the epoch too: a preempted job loses at most this
 )
 
 DEFAULTS = dict(

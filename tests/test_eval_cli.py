@@ -286,3 +286,17 @@ def test_kmeans_subset_file_fits_on_the_listed_images(tmp_path, checkpoint):
     subset.write_text("n09999999_0.JPEG\n")
     assert _run(tmp_path, "kmeans", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "imagenet"),
                 "--size", "16", "--subset-file", str(subset)) == 2  # fmt: skip
+
+
+def test_a_data_set_with_one_class_is_warned_about_in_one_line(tmp_path, checkpoint, image_folder, capsys):
+    """A k-NN on one class scores 100 % whatever the features: said, in one line."""
+    import shutil
+
+    one = tmp_path / "one"
+    for split in ("train", "val"):
+        shutil.copytree(image_folder / split / "red", one / split / "red")
+    assert _run(tmp_path, "knn", "--checkpoint", str(checkpoint), "--data", str(one), "--size", "16", "--k", "1") == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "has a single class in train (8 images) and test (4 images) (label 0)" in warning[0]
+    assert _run(tmp_path, "knn", "--checkpoint", str(checkpoint), "--data", str(image_folder), "--size", "16", "--k", "1") == 0
+    assert "single class" not in capsys.readouterr().err

@@ -100,3 +100,59 @@ def test_decoder_failure_names_the_files(messy, monkeypatch):
     loader = eval_loader(src, size=24, resize=32, batch_size=4, backend="dali")
     with pytest.raises(RuntimeError, match="gray.jpg"):
         list(loader)
+
+
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+def test_an_image_deleted_after_the_scan_is_skipped_with_one_warning(messy, backend):
+    """Deleted between the pre-flight scan and its batch: the next image of its class stands in
+    (the epoch keeps its length, every other image its place), named in one warning, not an error."""
+    src = ImageFolderSource(messy)
+    with pytest.warns(UserWarning):
+        src.check()
+    deleted = messy / "b" / "good1.jpg"
+    i = src.files.index(str(deleted))
+    deleted.unlink()
+    loader = eval_loader(src, size=24, resize=32, batch_size=3, backend=backend, workers=0 if backend == "torchvision" else 1)
+    with pytest.warns(UserWarning) as record:
+        epochs = [torch.cat([x for x, _ in loader]) for _ in range(2)]
+    ours = [str(w.message) for w in record if "good1.jpg" in str(w.message)]
+    assert len(ours) == 1, ours  # once, not once an epoch
+    assert "unreadable since the pre-flight scan" in ours[0] and f"{messy / 'b' / 'good2.jpg'} stands in" in ours[0]
+    for images in epochs:
+        assert images.shape == (8, 3, 24, 24) and torch.equal(images[i], images[i + 1])
+    assert len(list(pretrain_loader(src, CROPS, batch_size=4, backend=backend))) == 2  # the same for training
+
+
+def test_an_image_deleted_after_a_strict_scan_is_an_error_naming_it(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "a").mkdir()
+    for i in range(2):
+        Image.fromarray(natural_image(rng, 40, 48)).save(tmp_path / "a" / f"good{i}.jpg")
+    src = ImageFolderSource(tmp_path).check(strict=True)
+    (tmp_path / "a" / "good0.jpg").unlink()
+    with pytest.raises(OSError, match="good0.jpg: unreadable since the pre-flight scan"):
+        src.encoded(0)
+
+
+def test_a_jpeg_corrupt_in_the_middle_is_named(tmp_path):
+    """libjpeg prints "Corrupt JPEG data" to stderr with no file name; the torchvision path names
+    the file (the scan reads headers and ends only, so it keeps such a file)."""
+    import io
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "a").mkdir()
+    buf = io.BytesIO()
+    Image.fromarray(natural_image(rng, 64, 80)).save(buf, format="JPEG", quality=90)
+    data = bytearray(buf.getvalue())
+    middle = (data.find(b"\xff\xda") + len(data)) // 2
+    for k in range(middle, middle + 40, 2):  # bogus restart markers inside the entropy-coded data
+        data[k], data[k + 1] = 0xFF, 0xD0 + k % 8
+    (tmp_path / "a" / "damaged.jpg").write_bytes(bytes(data))
+    Image.fromarray(natural_image(rng, 64, 80)).save(tmp_path / "a" / "fine.jpg")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        images = torch.cat([x for x, _ in eval_loader(ImageFolderSource(tmp_path), size=24, resize=32, batch_size=2,
+                                                       backend="torchvision", workers=0)])
+    named = [str(w.message) for w in record if "Corrupt JPEG data" in str(w.message)]
+    assert images.shape == (2, 3, 24, 24)
+    assert len(named) == 1 and named[0].startswith(f"{tmp_path / 'a' / 'damaged.jpg'}: Corrupt JPEG data")

@@ -237,3 +237,23 @@ def test_margin_and_minutes_are_checked():
         TimeBudget(minutes=0)
     with pytest.raises(ValueError, match="margin"):
         TimeBudget(minutes=1, margin=1.5)
+
+
+def test_a_budget_too_small_for_one_epoch_is_warned_about_once_in_one_line(clock, capsys):
+    # A plan after 2 steps of a 4-step epoch, with the 0.05 s budget spent: 3 steps, not an epoch.
+    learn = toy_learner(SlowSteps(clock), TimeBudget(minutes=0.05 / 60, warmup=1, measure=1, measure_seconds=0.0))
+    learn.fit(1000)
+    assert learn.train_iter == learn.plan["steps"] == 3
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert err == ["warning: --minutes 0.000833333 is too small for one epoch here: an epoch is 4 steps at 0.0625 s a step "
+                   "(0.0042 minutes); the run takes 3 steps, about 0.0031 minutes in all"]
+    # No plan before the first epoch ends (the steps are timed for 1 s), and the budget spent by then.
+    learn = toy_learner(SlowSteps(clock), TimeBudget(minutes=0.05 / 60, warmup=1, measure=1, measure_seconds=1.0))
+    learn.fit(1000)
+    assert learn.epoch == 0 and learn.stopped_early
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(err) == 1 and "too small for one epoch here: it was spent before the steps could be timed (epoch 0 took 0.25 s)" in err[0]
+    # A budget that fits: no warning.
+    learn = toy_learner(SlowSteps(clock), TimeBudget(minutes=2 / 60, warmup=1, measure=1, measure_seconds=0.0))
+    learn.fit(1000)
+    assert "warning" not in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from .accumulation import GradientAccumulation
 from .epoch_sync import EpochSync
 from .data_wait import DataWait
+from ..checkpoint import NonFiniteError, NonFiniteStateError
 from .carp_stats import CARPStats, CollapseWarning, NonFiniteLossError, assignment_stats
 from .knn_monitor import KNNMonitor
 from .precision import Autocast, FP16MixedPrecision, precision_callbacks
@@ -11,9 +12,10 @@ from .recorder import DeviceRecorder
 from .metrics_logger import MetricsLogger
 from .checkpointer import Checkpointer
 from .time_budget import TimeBudget
+from .preemption import EXIT_PREEMPTED, Preemption
 from .teacher_ema import TeacherEMA, ema_update, teacher_momentum
 
 __all__ = [
-    "Autocast", "CARPStats", "Checkpointer", "FP16MixedPrecision", "MetricsLogger", "TimeBudget", "CollapseWarning", "DataWait", "DeviceRecorder", "EpochSync", "GradientAccumulation", "KNNMonitor", "NonFiniteLossError",
+    "EXIT_PREEMPTED", "Autocast", "CARPStats", "Checkpointer", "Preemption", "FP16MixedPrecision", "MetricsLogger", "TimeBudget", "CollapseWarning", "DataWait", "DeviceRecorder", "EpochSync", "GradientAccumulation", "KNNMonitor", "NonFiniteError", "NonFiniteLossError", "NonFiniteStateError",
     "RichProgress", "TeacherEMA", "assignment_stats", "ema_update", "precision_callbacks", "teacher_momentum",
 ]

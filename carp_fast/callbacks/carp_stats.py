@@ -8,13 +8,15 @@ import warnings
 import torch
 from fastai.callback.core import Callback
 
+from ..checkpoint import NonFiniteError, last_good
 from ..distributed import any_process
 from .accumulation import optimizer_steps
 from .teacher_ema import TeacherEMA
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; raised at the next logging step, naming the step."""
+class NonFiniteLossError(NonFiniteError):
+    """The loss became NaN or infinite; raised at the next logging step, naming the step and
+    the newest good checkpoint (or that none exists)."""
 
 
 class CollapseWarning(UserWarning):
@@ -72,7 +74,8 @@ class CARPStats(Callback):
     ``HIT``, :meth:`batch_terms`, :meth:`n_targets` and :meth:`extra`.
 
     A NaN or infinite loss raises :class:`NonFiniteLossError` naming the first bad step
-    (before any checkpoint of that epoch is written), on every process at the same logging
+    (before any checkpoint of that epoch is written) and the newest good checkpoint
+    (``learn.last_checkpoint``, or that none exists), on every process at the same logging
     step (one flag is all-reduced per interval). A :class:`CollapseWarning` is raised (and printed in red) when the perplexity of the
     teacher's assignments falls below ``collapse_fraction * min(K, assignments)`` (at least
     2): every view then lands on a handful of prototypes.
@@ -145,12 +148,13 @@ class CARPStats(Callback):
         if any_process(bool(bad)) and not bad:
             raise NonFiniteLossError(
                 f"the {self.METHOD} loss became non-finite on another process by optimizer step {optimizer_steps(self.learn)} "
-                f"(micro-batch {self.learn.train_iter}, epoch {self.learn.epoch}); training stopped on every process"
+                f"(micro-batch {self.learn.train_iter}, epoch {self.learn.epoch}); training stopped on every process "
+                f"and {last_good(self.learn)}"
             )
         if bad:
             raise NonFiniteLossError(
                 f"the {self.METHOD} loss is {totals[bad[0]]} at {_step_of(self.learn, first_step + bad[0])} (epoch {self.learn.epoch}); "
-                "training stopped, the last checkpoint is the last good state. Lower the learning rate, "
+                f"training stopped and {last_good(self.learn)}. Lower the learning rate, "
                 "use bf16 instead of fp16, or check the data."
             )
         record = dict(epoch=self.learn.epoch, step=optimizer_steps(self.learn), micro_batch=self.learn.train_iter,

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
 from fastai.callback.core import Callback
 
+from ..checkpoint import write_atomically
 from .accumulation import optimizer_steps
 from .progress import RichProgress
 from .stand_aside import stands_aside
@@ -25,7 +28,10 @@ class MetricsLogger(Callback):
     gets every interval logged by :class:`~carp_fast.callbacks.CARPStats` against the step.
 
     A resumed run (``learn.first_epoch`` > 0) drops the lines of that epoch or later, which a
-    killed run wrote after its last checkpoint, so no epoch appears twice or goes missing.
+    killed run wrote after its last checkpoint, so no epoch appears twice or goes missing
+    (an epoch's line is written at its end, so a mid-epoch checkpoint needs nothing more); a
+    line that is not JSON (a torn last line) is dropped with a warning. The file is rewritten
+    atomically and each line fsynced before the epoch's checkpoint is written.
 
     Args:
         out: the run directory.
@@ -50,10 +56,9 @@ class MetricsLogger(Callback):
             return
         self._opened = True
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if self.file.exists():
-            kept = [line for line in self.file.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] < getattr(self.learn, "first_epoch", 0)]
-        self.file.write_text("".join(line + "\n" for line in kept))
+        first_epoch = getattr(self.learn, "first_epoch", 0)
+        kept = [text for text, record in self._lines() if record["epoch"] < first_epoch] if first_epoch else []
+        write_atomically(self.file, "".join(text + "\n" for text in kept).encode())
         self.writer, self._logged = None, 0
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -61,6 +66,24 @@ class MetricsLogger(Callback):
             # purge_step drops events a killed run wrote after its last checkpoint.
             self.writer = SummaryWriter(str(self.file.parent / "tensorboard"), purge_step=optimizer_steps(self.learn) or None)
         self._start = time.perf_counter()
+
+    def _lines(self) -> list[tuple[str, dict]]:
+        "The lines of an existing file with their records; one that does not parse is dropped, with a warning."
+        if not self.file.exists():
+            return []
+        lines = [(i, text) for i, text in enumerate(self.file.read_text(errors="replace").splitlines(), 1) if text.strip()]
+        records = []
+        for i, text in lines:
+            try:
+                record = json.loads(text)
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+                records.append((text, record))
+            else:
+                what = "its torn last line" if i == lines[-1][0] else f"line {i}, not a record"
+                print(f"warning: {self.file}: dropping {what} ({text[:60]!r})", file=sys.stderr, flush=True)
+        return records
 
     def before_epoch(self):
         "Forget the previous epoch's learning rates."
@@ -85,6 +108,8 @@ class MetricsLogger(Callback):
             record.update(knn_top1=knn.history[-1]["knn_top1"], knn_top5=knn.history[-1]["knn_top5"])
         with self.file.open("a") as f:
             f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the epoch's checkpoint: no gap after a crash
         if self.writer is not None:
             stats = getattr(self.learn, "carp_stats", None) or getattr(self.learn, "massl_stats", None)
             for r in (stats.history[self._logged:] if stats is not None else []):

@@ -22,6 +22,12 @@ The main process prints each plan; every process follows its plans and its stops
 
 A resumed run goes on with the checkpoint's plan and does not re-plan (its clock is newer).
 
+A budget too small for one epoch (a plan shorter than an epoch, or one already over the budget;
+or a first epoch that ends, unplanned, past the budget) is warned about once, in one line on
+stderr: the run still takes the steps it must (see :mod:`carp_fast.budget`), over its budget::
+
+    warning: --minutes 0.01 is too small for one epoch here: an epoch is 469 steps at 0.31 s a step (2.4 minutes); the run takes 8 steps, about 0.1 minutes in all
+
 What it sets on the Learner:
 
 =======================  ==============================================  =============================================
@@ -40,6 +46,7 @@ attribute                set by                                          read by
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch.distributed
@@ -86,7 +93,7 @@ class TimeBudget(Callback):
             return
         learn = self.learn
         self._t0 = self.started if self.started is not None else time.time()  # one clock, time.time, throughout
-        self.longest, learn.stopped_early, self._timer = 0.0, False, None
+        self.longest, learn.stopped_early, self._timer, self._warned = 0.0, False, None, False
         self._fit_steps0, self._max_epochs = optimizer_steps(learn), learn.n_epoch
         plan = getattr(learn, "plan", None) if learn.train_iter > 0 else None
         learn.plan, learn.planned_steps = plan, None
@@ -156,6 +163,9 @@ class TimeBudget(Callback):
         if learn.planned_steps is not None and epoch_steps > 0:  # the steps left in it at this epoch's pace
             next_epoch = min(epoch_steps, learn.planned_steps - steps) * seconds / epoch_steps
         overrun = learn.epoch < learn.n_epoch - 1 and self._elapsed() + next_epoch > self.seconds
+        if learn.plan is None and self._elapsed() > self.seconds:  # a whole epoch, unplanned, and the budget spent
+            self._warn_too_small(f"it was spent before the steps could be timed (epoch {learn.epoch} took {seconds:.3g} s); "
+                                 f"the run ends after this epoch, about {self._elapsed() / 60:.2g} minutes in")
         if main_process_decides(overrun):
             learn.stopped_early = True
             raise CancelFitException()
@@ -191,8 +201,19 @@ class TimeBudget(Callback):
         plan = Plan.of(steps, steps_done=steps_done, steps_per_epoch=per_epoch, step_seconds=step_seconds,
                        elapsed_seconds=elapsed, eval_seconds=self._eval_seconds()[0])
         learn.plan, learn.planned_steps, learn.n_epoch = plan.as_dict(), plan.steps, plan.epochs
+        if word == "plan" and (steps < per_epoch or plan.minutes > self.seconds / 60):
+            self._warn_too_small(f"an epoch is {per_epoch} steps at {step_seconds:.3g} s a step ({per_epoch * step_seconds / 60:.2g} "
+                                 f"minutes); the run takes {steps} steps, about {plan.minutes:.2g} minutes in all")
         if getattr(learn, "accelerator", None) is None or learn.accelerator.is_main_process:
             world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
             batch = find_bs(learn.xb) * self._accumulation() * world
             print(f"{word}: {steps} steps of batch {batch} ({steps / per_epoch:.1f} epochs), "
                   f"{step_seconds:.3g} s a step: about {plan.minutes:.1f} of {self.seconds / 60:g} minutes", flush=True)
+
+    def _warn_too_small(self, detail: str) -> None:
+        "Once, on the main process: one line on stderr saying that the budget does not fit one epoch, and what the run does."
+        learn = self.learn
+        if self._warned or not (getattr(learn, "accelerator", None) is None or learn.accelerator.is_main_process):
+            return
+        self._warned = True
+        print(f"warning: --minutes {self.seconds / 60:g} is too small for one epoch here: {detail}", file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
@@ -136,6 +137,7 @@ class FrozenBackbone:
             if subset is not None:
                 limited.update(subset_file=str(subset.resolve()), subset_mtime=subset.stat().st_mtime_ns)
             out.append(self.features(split, {**settings, **limited}, batches))
+        warn_one_class(args.data, dict(zip(splits, out)))
         return settings, out
 
     def labelled_view(self, data: str, size: int | None, resize: int | None) -> tuple[int, int | None]:
@@ -167,6 +169,26 @@ class FrozenBackbone:
         through this run's image pipeline."""
         return functools.partial(file_list_batches, size=size, resize=resize, batch_size=self.batch_size,
                                  workers=self.workers, backend=self.backend, device=self.device)  # fmt: skip
+
+
+def warn_one_class(data: str, splits: Mapping[str, Features]) -> bool:
+    """One line on stderr when the labelled data hold a single class: in the split a protocol
+    fits on (``train``), or in all of ``splits`` together. A k-NN, a linear probe or a few-shot
+    classifier then predicts that class (100 % on a one-class test set) and clustering scores
+    are trivial, whatever the features. True if it warned."""
+    classes = {split: torch.unique(f.labels) for split, f in splits.items() if len(f.labels)}
+    if not classes:
+        return False
+    every = torch.unique(torch.cat(list(classes.values())))
+    if len(every) == 1:
+        where, label = " and ".join(f"{s} ({len(splits[s].labels)} images)" for s in classes), int(every[0])
+    elif "train" in classes and len(classes["train"]) == 1:
+        where, label = f"its train split ({len(splits['train'].labels)} images)", int(classes["train"][0])
+    else:
+        return False
+    print(f"carp-fast eval: warning: --data {data!r} has a single class in {where} (label {label}): its scores are "
+          "trivial (that class predicted, 100 % on a one-class test set) whatever the features", file=sys.stderr, flush=True)
+    return True
 
 
 def image_source(path: str | os.PathLike) -> dict[str, Any]:

@@ -46,12 +46,23 @@ def adopt_accelerate_precision(precision: str) -> str:
     )
 
 
-def make_accelerator(**kwargs):
-    """An ``Accelerator`` on CUDA when there is one, else the CPU, that applies no precision
-    of its own (carp_fast's callbacks do); ``kwargs`` go to ``Accelerator``."""
+def make_accelerator(cpu: bool | None = None, **kwargs):
+    """An ``Accelerator`` that applies no precision of its own (carp_fast's callbacks do), on
+    the CPU when ``cpu`` (None: when there is no CUDA); ``kwargs`` go to ``Accelerator``.
+
+    On CUDA it turns ``torch.backends.cudnn.benchmark`` on: training crops have fixed shapes
+    (:func:`carp_fast.device.cudnn_benchmark_for`).
+    """
     from accelerate import Accelerator
 
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no", **kwargs)
+    from .device import cudnn_benchmark_for
+
+    if cpu is None:
+        cpu = not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=cpu, mixed_precision="no", **kwargs)
+    if cudnn_benchmark_for(accelerator.device):
+        torch.backends.cudnn.benchmark = True
+    return accelerator
 
 
 def check_accelerator(accelerator) -> None:

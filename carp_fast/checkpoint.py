@@ -46,7 +46,7 @@ CHECKPOINT_NAME = "checkpoint.pth"
 KEEP = 2  # checkpoints kept by default: the newest and the one before it
 # Settings that may change between a run and its resumption (budgets, output, logging).
 RESUMABLE_CHANGES = frozenset({"epochs", "minutes", "out", "resume", "workers", "log_every", "knn_every", "checkpoint_every", "progress",
-                               "checkpoint_minutes", "stop_signals", "overwrite"})
+                               "checkpoint_minutes", "stop_signals", "overwrite", "device"})
 REQUIRED_KEYS = frozenset({"model", "opt", "epoch", "train_iter", "rng", "settings"})
 # The checksum lives inside the file, in its zip comment, rather than in a sidecar: file and
 # checksum are renamed, rotated and copied as one, so a kill between two renames cannot pair a

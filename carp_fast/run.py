@@ -76,6 +76,8 @@ class TrainSettings:
     stop_signals: str = setting("SIGTERM,SIGINT,SIGUSR1", "signals that stop the run with a checkpoint at the step's end "
                                                           "(exit status 75; '--resume' continues); '' for none")
     progress: bool = setting(True, "show progress (a bar on a terminal; lines in a redirected log)")
+    device: str = setting("auto", "auto (CUDA if usable; without it only the embedded Fashion-MNIST runs, on the CPU) "
+                                  "| cuda | cpu (also ACCELERATE_USE_CPU=1)")
 
     def __post_init__(self):
         # Ranges arrive as lists from the command line or JSON; store them as tuples so that
@@ -91,6 +93,7 @@ class TrainSettings:
             (all(0 < lo <= hi <= 1 for lo, hi in (self.global_scale, self.local_scale)), "crop scales must satisfy 0 < LOW <= HIGH <= 1"),
             (0 <= self.blur_sigma[0] <= self.blur_sigma[1], "--blur-sigma must satisfy 0 <= LOW <= HIGH"),
             (self.backend in BACKENDS, f"--backend must be one of {BACKENDS}"),
+            (self.device in ("auto", "cuda", "cpu"), "--device must be one of auto, cuda, cpu"),
             (self.workers >= 1, "--workers must be >= 1"),
             (self.knn_every >= 0 and self.knn_bank >= 0 and self.knn_queries >= 0, "--knn-every, --knn-bank and --knn-queries must be >= 0"),
             (self.eval_resize is None or self.eval_resize >= self.eval_size, "--eval-resize must be >= --eval-size (or None)"),
@@ -208,12 +211,18 @@ def start(settings: TrainSettings, config):
     from accelerate.utils import set_seed
 
     from .accelerator import adopt_accelerate_precision, make_accelerator
+    from .device import DeviceError, choose_device, device_line
 
     try:
         config.precision = adopt_accelerate_precision(config.precision)
     except ValueError as error:
         raise SettingsError(str(error)) from None
-    accelerator = make_accelerator()
+    try:  # an ImageNet run without CUDA stops here unless --device cpu (the embedded data runs anywhere)
+        device, facts = choose_device(settings.device, embedded=settings.data == "fashion-mnist")
+    except DeviceError as error:
+        raise SettingsError(str(error)) from None
+    accelerator = make_accelerator(cpu=device == "cpu")
+    accelerator.print(device_line(str(accelerator.device), facts))
     n_proc = accelerator.num_processes
     per_process, left = divmod(config.global_batch, n_proc)
     if config.global_batch % (config.batch_size * n_proc) and not left and per_process < config.batch_size:

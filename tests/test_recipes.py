@@ -18,7 +18,9 @@ from carp_fast.pipelines.make_jpeg_folder import make_jpeg_folder
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-SMALL_BUDGET = ["--epochs", "1", "--batch-size", "2", "--global-batch", "4", "--workers", "1", "--knn-bank", "8", "--knn-queries", "4"]
+# --device cpu: an ImageNet recipe without CUDA stops unless the CPU is asked for (carp_fast.device)
+SMALL_BUDGET = ["--epochs", "1", "--batch-size", "2", "--global-batch", "4", "--workers", "1", "--knn-bank", "8", "--knn-queries", "4",
+                "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")

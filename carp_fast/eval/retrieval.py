@@ -315,16 +315,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace, backbone: FrozenBackbone) -> Report:
     """mAP (Easy / Medium / Hard) and mP@k of the ``--ground-truth`` queries."""
+    from ..device import cudnn_benchmark
+
     truth = load_ground_truth(args.ground_truth)
     images = {"queries": truth.queries, "database": truth.database}
     if args.variant == "paper":
         scales = SCALES if args.multiscale else (1.0,)
-        settings, (queries, database) = backbone.file_features(
-            images,
-            {"view": "thumbnail", "imsize": args.imsize, "scales": list(scales), **image_source(args.ground_truth)},
-            functools.partial(thumbnail_batches, imsize=args.imsize, workers=backbone.workers),
-            wrap=functools.partial(MultiScale, scales=scales) if len(scales) > 1 else None,
-        )
+        with cudnn_benchmark(False):  # whole images, each of its own size: no autotuning per shape
+            settings, (queries, database) = backbone.file_features(
+                images,
+                {"view": "thumbnail", "imsize": args.imsize, "scales": list(scales), **image_source(args.ground_truth)},
+                functools.partial(thumbnail_batches, imsize=args.imsize, workers=backbone.workers),
+                wrap=functools.partial(MultiScale, scales=scales) if len(scales) > 1 else None,
+            )
         protocol = {"variant": "paper", "imsize": args.imsize, "multiscale": args.multiscale,
                     "scales": list(scales), "resize": "PIL thumbnail (longer side = imsize, Lanczos)"}  # fmt: skip
     else:

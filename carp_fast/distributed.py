@@ -43,11 +43,7 @@ def main_process_decides(flag: bool) -> bool:
 
 def any_process(flag: bool) -> bool:
     """True on every rank when ``flag`` is True on at least one (an all-reduce of the maximum)."""
-    if world_size() == 1:
-        return flag
-    tensor = _flag_tensor(flag)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
+    return shared_flags(flag)[0]
 
 
 def main_process() -> bool:

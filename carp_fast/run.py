@@ -32,6 +32,7 @@ from typing import Callable, NamedTuple
 from .callbacks.preemption import EXIT_PREEMPTED
 from . import run_folder
 from .carp import CARP
+from .device import DEVICES
 from .learner import method_learner
 from .method import Method
 from .options import check_all, setting
@@ -93,7 +94,7 @@ class TrainSettings:
             (all(0 < lo <= hi <= 1 for lo, hi in (self.global_scale, self.local_scale)), "crop scales must satisfy 0 < LOW <= HIGH <= 1"),
             (0 <= self.blur_sigma[0] <= self.blur_sigma[1], "--blur-sigma must satisfy 0 <= LOW <= HIGH"),
             (self.backend in BACKENDS, f"--backend must be one of {BACKENDS}"),
-            (self.device in ("auto", "cuda", "cpu"), "--device must be one of auto, cuda, cpu"),
+            (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}"),
             (self.workers >= 1, "--workers must be >= 1"),
             (self.knn_every >= 0 and self.knn_bank >= 0 and self.knn_queries >= 0, "--knn-every, --knn-bank and --knn-queries must be >= 0"),
             (self.eval_resize is None or self.eval_resize >= self.eval_size, "--eval-resize must be >= --eval-size (or None)"),
@@ -147,10 +148,11 @@ def command_line(main: Callable) -> Callable:
         from .callbacks import NonFiniteError
         from .checkpoint import DiskFullError
 
+        statuses = {SettingsError: EXIT_SETTINGS, NonFiniteError: EXIT_NON_FINITE, DiskFullError: EXIT_DISK_FULL}
         try:
             return main(*args, **kwargs)
-        except (SettingsError, NonFiniteError, DiskFullError) as error:
-            status = EXIT_SETTINGS if isinstance(error, SettingsError) else EXIT_NON_FINITE if isinstance(error, NonFiniteError) else EXIT_DISK_FULL
+        except tuple(statuses) as error:
+            status = next(code for kind, code in statuses.items() if isinstance(error, kind))
             message = str(error).split("\n\t")[-1]  # without fastai's "Exception occured in <callback>" prefix
             print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
             raise SystemExit(status) from None

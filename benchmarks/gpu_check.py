@@ -18,8 +18,9 @@ Prints a rich table, then one JSON line (the last line) with:
   64 and 128;
 - ``in1k_mc``: a 2-minute ``recipes/in1k_mc.py`` run on the generated folder (its summary,
   the exported backbone and its round-trip check);
-- ``batchnorm``: the old and the new BatchNorm's step time, when ``carp_fast/sync_bn.py``
-  offers both (else null with a note);
+- ``batchnorm``: the backbone step with ``nn.BatchNorm2d``, torch's SyncBatchNorm (its
+  masked path) and carp_fast's ``GlobalBatchNorm`` (``benchmarks/batchnorm_step.py``), and
+  the largest difference between each fused CUDA kernel and the CPU formula;
 - ``estimates``: what the CPU can compute before a GPU (:func:`estimates`): FLOPs per image,
   the resulting images/s ceilings at an A100's and an H200's bf16 peak, and the peak memory
   of one micro-batch at batch 64 and 128 without allocating.
@@ -331,50 +332,18 @@ def _recipe_has_device_option() -> bool:
     return "device" in {f.name for f in dataclasses.fields(TrainSettings)}
 
 
-def batchnorm_times(sizes: dict, device: torch.device) -> tuple[dict | None, str]:
-    """The old and the new BatchNorm of ``carp_fast/sync_bn.py`` in the backbone-only step, when it
-    offers both: the new one is a ``_BatchNorm`` subclass there other than ``AllReduceBatchNorm``."""
-    import torch.nn as nn
+def batchnorm_times(sizes: dict, device: torch.device) -> tuple[dict, str]:
+    """The backbone step with ``nn.BatchNorm2d``, torch's SyncBatchNorm (CUDA) and carp_fast's
+    GlobalBatchNorm (``benchmarks/batchnorm_step.py``), and on a GPU how far each fused kernel
+    is from the CPU formula of ``carp_fast/sync_bn.py``."""
+    from benchmarks import batchnorm_step
 
-    from carp_fast import sync_bn
-
-    new = [c for c in vars(sync_bn).values() if isinstance(c, type) and issubclass(c, nn.modules.batchnorm._BatchNorm)
-           and c.__module__ == sync_bn.__name__ and c is not sync_bn.AllReduceBatchNorm]
-    if not new:
-        return None, "carp_fast/sync_bn.py offers only AllReduceBatchNorm (no new BatchNorm yet): not measured"
-    from carp_fast.backbones import build_backbone
-
-    crops = bench_train.synthetic_crops(sizes["batch_size"], sizes["global_crops"], sizes["global_size"],
-                                        sizes["local_crops"], sizes["local_size"], device)
-    old_cls = nn.SyncBatchNorm if device.type == "cuda" else sync_bn.AllReduceBatchNorm
-    times = {}
-    for name, cls in ((f"old_{old_cls.__name__}", old_cls), (f"new_{new[0].__name__}", new[0])):
-        net = _swap_bn(build_backbone(sizes["arch"]), cls).to(device).to(memory_format=torch.channels_last).train()
-
-        def step(xs, net=net):
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss = sum(net(x.contiguous(memory_format=torch.channels_last)).float().sum() for x in xs)
-            loss.backward()
-            net.zero_grad(set_to_none=True)
-
-        for _ in range(sizes["warmup"]):
-            step(crops)
-        bench_train._synchronize(device)
-        times[name + "_ms"] = round(bench_train.time_steps(step, crops, sizes["steps"], device) * 1000, 2)
-    return times, "one process (world size 1): synchronisation itself is not exercised"
-
-
-def _swap_bn(module, cls):
-    import torch.nn as nn
-
-    for name, child in module.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            new = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
-            new.load_state_dict(child.state_dict())
-            setattr(module, name, new)
-        else:
-            _swap_bn(child, cls)
-    return module
+    crops = [sizes["global_size"]] * sizes["global_crops"] + [sizes["local_size"]] * sizes["local_crops"]
+    times = batchnorm_step.step_times(sizes["arch"], crops, sizes["batch_size"], device, "bf16",
+                                      steps=sizes["steps"], rounds=sizes["repeats"], warmup=sizes["warmup"])
+    if device.type == "cuda":
+        times["cuda_vs_cpu_max_abs_diff"] = batchnorm_step.kernel_agreement(device)
+    return times, "one process in a group of one: the collectives run, the time between processes is not measured"
 
 
 # ----------------------------------------------------------------------------- the check

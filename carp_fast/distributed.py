@@ -2,7 +2,8 @@
 
 A decision one rank takes alone (stop on a clock, stop on a NaN) leaves the other ranks
 waiting in the next collective until the job's timeout kills it. Each helper here is one
-tiny collective, and a no-op in a single process.
+tiny collective over CPU tensors (a gloo group beside NCCL's), so that it never makes the host
+wait for a GPU, and a no-op in a single process.
 """
 
 from __future__ import annotations
@@ -21,10 +22,24 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
+_host_group_of: tuple = (None, None)  # (the default group it was made for, the gloo group)
+
+
+def _host_group():
+    """A gloo group over the default group's processes (the default group itself when it is gloo),
+    made once. Flags are host values: all-reduced as CPU tensors over gloo, reading them back
+    never waits for a GPU, where an NCCL all-reduce of a CUDA tensor would make the host wait
+    for every kernel queued before it."""
+    global _host_group_of
+    if dist.get_backend() == "gloo":
+        return None
+    if _host_group_of[0] is not dist.group.WORLD:  # a new default group (a test's second run)
+        _host_group_of = (dist.group.WORLD, dist.new_group(backend="gloo"))  # collective: every rank is here
+    return _host_group_of[1]
+
+
 def _flag_tensor(*values: int) -> torch.Tensor:
-    # NCCL moves only CUDA tensors; gloo (CPU processes) only CPU ones.
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    return torch.tensor([int(v) for v in values], device=device, dtype=torch.int64)
+    return torch.tensor([int(v) for v in values], dtype=torch.int64)  # on the CPU: see _host_group
 
 
 def main_process_value(value: int) -> int:
@@ -32,7 +47,7 @@ def main_process_value(value: int) -> int:
     if world_size() == 1:
         return value
     tensor = _flag_tensor(value)
-    dist.broadcast(tensor, src=0)
+    dist.broadcast(tensor, src=0, group=_host_group())
     return int(tensor.item())
 
 
@@ -57,5 +72,5 @@ def shared_flags(*flags: bool) -> tuple[bool, ...]:
     if world_size() == 1:
         return tuple(bool(f) for f in flags)
     tensor = _flag_tensor(*(bool(f) for f in flags))
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_host_group())
     return tuple(bool(v) for v in tensor.tolist())

@@ -1,7 +1,7 @@
 """The one Learner of every method: fastai's, on Accelerate's devices, resumable.
 
 :func:`method_learner` takes a :class:`~carp_fast.method.Method` and its config and adds
-what every method shares: the device and processes from Accelerate (SyncBatchNorm and
+what every method shares: the device and processes from Accelerate (synchronised BatchNorm and
 DistributedDataParallel with several processes, channels_last where it pays), gradient
 accumulation toward the global batch, the precision callbacks, epoch sync, the device
 recorder and the progress display. The method brings its model, loss, optimizer and
@@ -116,7 +116,7 @@ def method_learner(
     precision = config.resolved_precision(device)
     channels_last = auto_channels_last(device, precision) if config.channels_last is None else config.channels_last
     if n_proc > 1 and config.sync_bn:
-        model = convert_sync_batchnorm(model, device)
+        model = convert_sync_batchnorm(model)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -124,7 +124,7 @@ def method_learner(
         if accelerator.ddp_handler is None:  # a caller's own DistributedDataParallelKwargs win
             from accelerate.utils import DistributedDataParallelKwargs
 
-            # SyncBatchNorm keeps the BatchNorm statistics equal and the loss broadcasts the
+            # GlobalBatchNorm keeps the BatchNorm statistics equal and the loss broadcasts the
             # partition: DDP's default re-broadcast of every buffer before every forward (16
             # times a step with accumulation) would only cost time.
             accelerator.ddp_handler = DistributedDataParallelKwargs(broadcast_buffers=False)

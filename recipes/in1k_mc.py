@@ -5,7 +5,7 @@
 4 GPUs x batch 64 x 16 accumulation steps = global batch 4096 (paper appendix C.1). With
 another GPU count keep --global-batch: the accumulation follows. Every setting below, and
 every CARPConfig setting (ResNet-50, K = 65,536, B = 512, LARS, weight decay 1e-6, teacher
-momentum 0.99 -> 1, bf16, SyncBatchNorm, channels_last by default), is an option; `--help`
+momentum 0.99 -> 1, bf16, synchronised BatchNorm, channels_last by default), is an option; `--help`
 lists them with their defaults. For 400 epochs the paper uses --base-lr 0.3 --final-lr 0.003.
 """
 

@@ -1,6 +1,9 @@
 """CARP's ablations at small scale: block size, random vs fixed partitions, number of prototypes K.
 
     python benchmarks/ablations.py --k 4096 --block-size 4096 --batch 32 --steps 300 [--partition fixed] [--seed 1]
+    python benchmarks/ablations.py --k 4096 --block-size 4096 --no-teacher --entropy-weight 2 --final-entropy-weight 1  # CARL
+
+The paper's comparisons as one sweep with seeds, a table and a plot: ``benchmarks/ablation_suite.py``.
 
 One run trains resnet10_tiny with CARP on a fixed Fashion-MNIST subset (2 x 28 px + 2 x 14 px
 crops, AdamW) and measures, at the end: the loss terms, the perplexity of the teacher's
@@ -45,8 +48,11 @@ class AblationSetting:
     """One configuration of the sweep."""
 
     n_prototypes: int = 4096  # K
-    block_size: int = 4096  # B; B = K is one block (CARL)
+    block_size: int = 4096  # B; B = K is one block (CARL when there is no teacher too)
     partition: str = "random"  # random | fixed
+    teacher: bool = True  # False: no teacher network, the student's global crops detached are the targets (B.2 "w/o mom. enc.")
+    entropy_weight: float = 1.0  # lambda_e (CARP: 1); the start of its cosine with final_entropy_weight
+    final_entropy_weight: float | None = None  # lambda_e at the end; None: constant
     batch: int = 32
     steps: int = 300  # optimizer steps; the training subset is steps x batch images, seen once
     seed: int = 0  # initial weights, data order, partitions
@@ -59,9 +65,17 @@ class AblationSetting:
     log_every: int = 10
 
     def label(self) -> str:
-        """'K=4096 B=256 random', with ' (one block: CARL)' when B = K; no seed."""
+        """'K=4096 B=256 random', with the notes that apply: ' (one block)' when B = K, ' no teacher',
+        ' (one block, no teacher: CARL)', and lambda_e when it is not 1; no seed."""
         one_block = self.n_prototypes // self.block_size == 1
-        return f"K={self.n_prototypes} B={self.block_size} {self.partition}" + (" (one block: CARL)" if one_block else "")
+        notes = (["one block"] if one_block else []) + ([] if self.teacher else ["no teacher"])
+        text = f"K={self.n_prototypes} B={self.block_size} {self.partition}"
+        if notes:
+            text += f" ({', '.join(notes)}{': CARL' if one_block and not self.teacher else ''})"
+        if self.entropy_weight != 1.0 or self.final_entropy_weight is not None:
+            end = "" if self.final_entropy_weight is None else f"->{self.final_entropy_weight:g}"
+            text += f" lambda_e={self.entropy_weight:g}{end}"
+        return text
 
     def name(self) -> str:
         """:meth:`label` and the seed."""
@@ -69,12 +83,14 @@ class AblationSetting:
 
 
 def config_for(s: AblationSetting) -> CARPConfig:
-    """The CARPConfig of one setting (resnet10_tiny, head 512 -> 128, AdamW, cosine lr)."""
+    """The CARPConfig of one setting (resnet10_tiny, head 512 -> 128, AdamW, cosine lr); without a
+    teacher and with one block it is CARL's (:class:`carp_fast.carl.CARLConfig` with these values)."""
     return CARPConfig(
         arch="resnet10_tiny", n_prototypes=s.n_prototypes, block_size=s.block_size, partition=s.partition,
         hidden_dim=512, embed_dim=128, optimizer="adamw", base_lr=s.base_lr, final_lr=s.base_lr * s.batch / 256 / 100,
         weight_decay=s.weight_decay, batch_size=s.batch, global_batch=s.batch, teacher_momentum=s.teacher_momentum,
-        precision=s.precision, log_every=s.log_every, seed=s.seed,
+        precision=s.precision, log_every=s.log_every, seed=s.seed, teacher=s.teacher, entropy_weight=s.entropy_weight,
+        final_entropy_weight=s.final_entropy_weight,
     )
 
 
@@ -154,7 +170,7 @@ def run_ablation(setting: AblationSetting | None = None, *, out: str | Path | No
         warnings.simplefilter("always", CollapseWarning)
         learn.fit(1)
     collapse_warning = any(issubclass(w.category, CollapseWarning) for w in caught)
-    teacher = learn.model.teacher.eval()
+    teacher = learn.model.teacher.eval()  # the student itself when there is no teacher (eta = 0)
     bank_dl, query_dl = knn_loaders(s.bank, s.queries)
     bank = extract_features(teacher.backbone, bank_dl, progress=False)
     queries = extract_features(teacher.backbone, query_dl, progress=False)
@@ -192,6 +208,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=int, default=d.n_prototypes)
     p.add_argument("--block-size", type=int, nargs="+", default=[d.block_size], help="one run per value")
     p.add_argument("--partition", default=d.partition, choices=("random", "fixed"))
+    p.add_argument("--teacher", action=argparse.BooleanOptionalAction, default=d.teacher,
+                   help="--no-teacher: the student's own global crops, detached, are the targets")
+    p.add_argument("--entropy-weight", type=float, default=d.entropy_weight, help="lambda_e (its start with --final-entropy-weight)")
+    p.add_argument("--final-entropy-weight", type=float, default=d.final_entropy_weight, help="lambda_e at the end of its cosine")
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--seed", type=int, nargs="+", default=[d.seed], help="one run per value")
@@ -207,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"k-NN top-1 at random init: {knn_at_init(a.seed[0], a.bank, a.queries):.1f} %")
     for seed in a.seed:
         for block_size in a.block_size:
-            run_ablation(n_prototypes=a.k, block_size=min(block_size, a.k), partition=a.partition, batch=a.batch,
+            run_ablation(n_prototypes=a.k, block_size=min(block_size, a.k), partition=a.partition, teacher=a.teacher,
+                         entropy_weight=a.entropy_weight, final_entropy_weight=a.final_entropy_weight, batch=a.batch,
                          steps=a.steps, seed=seed, base_lr=a.base_lr, teacher_momentum=a.teacher_momentum,
                          precision=a.precision, bank=a.bank, queries=a.queries, out=a.out)
 

@@ -104,8 +104,9 @@ class RepeatedBatch:
         return (self.batch for _ in range(self.n))
 
 
-def learner_step(config: CARPConfig, crops: Sequence[Tensor], steps: int, warmup: int):
-    """carp_fast's Learner with every callback it trains with, on one in-memory batch.
+def learner_step(config: CARPConfig, crops: Sequence[Tensor], steps: int, warmup: int, method=None):
+    """carp_fast's Learner with every callback it trains with, on one in-memory batch
+    (``method``: any :class:`~carp_fast.method.Method`, CARP by default, with its ``config``).
 
     Returns ``(learn, step)``: ``step()`` runs one ``learn.fit(1)`` of ``warmup + steps``
     batches and returns its seconds per step (``warmup`` batches untimed).
@@ -117,7 +118,13 @@ def learner_step(config: CARPConfig, crops: Sequence[Tensor], steps: int, warmup
     labels = torch.zeros(crops[0].shape[0], dtype=torch.long, device=device)
     dls = DataLoaders(RepeatedBatch((*crops, labels), warmup + steps), [])
     timer = StepTimer(skip=warmup)
-    learn = carp_learner(dls, config, accelerator=Accelerator(cpu=device.type == "cpu"), cbs=[timer], progress=False)
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    if method is None:
+        learn = carp_learner(dls, config, accelerator=accelerator, cbs=[timer], progress=False)
+    else:
+        from carp_fast.learner import method_learner
+
+        learn = method_learner(method, dls, config, accelerator=accelerator, cbs=[timer], progress=False)
 
     def step() -> float:
         learn.fit(1)

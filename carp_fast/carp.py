@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .backbones import build_backbone
 from .callbacks.carp_stats import CARPStats
+from .callbacks.entropy_weight import EntropyWeightSchedule
 from .callbacks.schedule import OptimizerStepScheduler
 from .callbacks.teacher_ema import TeacherEMA
 from .lars import lars_optimizer
@@ -48,9 +49,17 @@ class CARPConfig(MethodConfig):
     weight_decay: float = setting(1e-6, "L2 weight decay of >1-d parameters (paper: 1e-6)")
     lars_momentum: float = setting(0.9, "LARS heavy-ball momentum")
     lars_eta: float = setting(0.001, "LARS trust coefficient")
+    # The teacher and the entropy weight: the paper's are an EMA teacher and lambda_e = 1
+    teacher: bool = setting(True, "an EMA teacher (paper); --no-teacher: none, the student's own outputs for the global crops, "
+                                  "detached, are the targets (table B.2's 'w/o mom. enc.'; one forward less per step)")
+    entropy_weight: float = setting(1.0, "lambda_e, the weight of the entropy term (paper: 1); its start with --final-entropy-weight")
+    final_entropy_weight: float | None = setting(None, "lambda_e at the end of its cosine over the fit; None: constant")
 
     def checks(self) -> list[tuple[bool, str]]:
-        return super().checks() + [(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}")]
+        return super().checks() + [
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
+            (self.entropy_weight >= 0 and (self.final_entropy_weight or 0) >= 0, "entropy weights must be >= 0"),
+        ]
 
 
 class CARPNetwork(Branch):
@@ -72,14 +81,17 @@ class CARPStudentTeacher(StudentTeacher):
         hidden_dim, embed_dim: projection head widths.
         block_size, partition, global_crops, seed, teacher_batch_stats: as
             :class:`~carp_fast.networks.StudentTeacher`.
+        teacher: False: no teacher network (``ema_teacher=False`` of
+            :class:`~carp_fast.networks.StudentTeacher`; CARL, :mod:`carp_fast.carl`).
     """
 
     def __init__(self, arch: str = "resnet50", n_prototypes: int = 65536, block_size: int = 512, partition: str = "random",
                  global_crops: int = 2, hidden_dim: int = 2048, embed_dim: int = 256, seed: int = 0,
-                 teacher_batch_stats: bool = True):
+                 teacher_batch_stats: bool = True, teacher: bool = True):
         super().__init__(
             CARPNetwork(arch, n_prototypes, hidden_dim, embed_dim), n_slots=n_prototypes, block_size=block_size,
             partition=partition, global_crops=global_crops, seed=seed, teacher_batch_stats=teacher_batch_stats,
+            ema_teacher=teacher,
         )
 
     def block_logits(self, branch: CARPNetwork, z: Tensor, partition: Tensor) -> Tensor:
@@ -91,7 +103,7 @@ def build_model(config: CARPConfig) -> CARPStudentTeacher:
     return CARPStudentTeacher(
         arch=config.arch, n_prototypes=config.n_prototypes, block_size=config.block_size, partition=config.partition,
         global_crops=config.global_crops, hidden_dim=config.hidden_dim, embed_dim=config.embed_dim, seed=config.seed,
-        teacher_batch_stats=config.teacher_batch_stats,
+        teacher_batch_stats=config.teacher_batch_stats, teacher=config.teacher,
     )
 
 
@@ -110,14 +122,22 @@ def lr_wd_schedules(config: CARPConfig) -> OptimizerStepScheduler:
 
 
 def callbacks(config: CARPConfig) -> list:
-    """The lr and weight-decay cosines, the teacher's EMA and CARP's statistics (``learn.carp_stats``)."""
-    return [lr_wd_schedules(config), TeacherEMA(config.teacher_momentum), CARPStats(every=config.log_every)]
+    """The lr and weight-decay cosines, the teacher's EMA (none with ``teacher=False``), the
+    lambda_e cosine (with ``final_entropy_weight``) and CARP's statistics (``learn.carp_stats``)."""
+    cbs = [lr_wd_schedules(config)]
+    if config.teacher:
+        cbs.append(TeacherEMA(config.teacher_momentum))
+    if config.final_entropy_weight is not None:
+        cbs.append(EntropyWeightSchedule(config.entropy_weight, config.final_entropy_weight))
+    return cbs + [CARPStats(every=config.log_every)]
 
 
-CARP = Method(
-    name="carp", config=CARPConfig, build_model=build_model, loss=lambda config: CARPLoss(),
-    optimizer=opt_func, callbacks=callbacks,
-)
+def loss(config: CARPConfig) -> CARPLoss:
+    """CARP's loss with lambda_e = ``config.entropy_weight`` (a schedule moves it with ``final_entropy_weight``)."""
+    return CARPLoss(entropy_weight=config.entropy_weight)
+
+
+CARP = Method(name="carp", config=CARPConfig, build_model=build_model, loss=loss, optimizer=opt_func, callbacks=callbacks)
 
 
 def carp_learner(dls, config: CARPConfig, **kwargs):

@@ -16,10 +16,11 @@ Per block, a view's probabilities are ``softmax(logits[..., block])`` (no temper
 
     consistency = mean over pairs (i, j), i != j, over N and P of -log clamp(<s_i, t_j>, eps, 1-eps)
     entropy     = mean over P of KL(pbar_p || uniform) = log B + sum_b pbar_pb log clamp(pbar_pb, eps, 1-eps)
-    total       = consistency + entropy
+    total       = consistency + lambda_e * entropy
 
-where ``pbar`` ``[P, B]`` averages the student and (detached) teacher probabilities over all
-views and over the global batch (all ranks; the all-reduce passes gradients back).
+with ``lambda_e = 1`` in CARP (CARL, its one-block predecessor, weights and decays it), where
+``pbar`` ``[P, B]`` averages the student and (detached) teacher probabilities over all views and
+over the global batch (all ranks; the all-reduce passes gradients back).
 """
 
 from __future__ import annotations
@@ -202,6 +203,7 @@ def carp_block_loss(
     teacher_block_logits: Tensor,
     *,
     eps: float | None = None,
+    entropy_weight: float = 1.0,
 ) -> CARPLossParts:
     """CARP loss from logits already arranged by partition block.
 
@@ -213,6 +215,8 @@ def carp_block_loss(
         teacher_block_logits: ``[V_t, N, P, B]``, the global crops; detached here.
         eps: clamp of the dot products and of the entropy's log; defaults to the
             probabilities' machine epsilon.
+        entropy_weight: lambda_e, the weight of the entropy term in ``total`` (CARP: 1;
+            ``entropy`` itself is returned unweighted).
 
     Returns:
         :class:`CARPLossParts` of scalars.
@@ -226,10 +230,11 @@ def carp_block_loss(
     # 1 - eps rounds to 1 in bf16. Autocast is turned off because it would run the einsum
     # (a bmm) in half precision again.
     with torch.autocast(student_block_logits.device.type, enabled=False):
-        return _block_loss(student_block_logits, teacher_block_logits, eps)
+        return _block_loss(student_block_logits, teacher_block_logits, eps, entropy_weight)
 
 
-def _block_loss(student_block_logits: Tensor, teacher_block_logits: Tensor, eps: float | None) -> CARPLossParts:
+def _block_loss(student_block_logits: Tensor, teacher_block_logits: Tensor, eps: float | None,
+                entropy_weight: float = 1.0) -> CARPLossParts:
     n_student, n_teacher = student_block_logits.shape[0], teacher_block_logits.shape[0]
     dtype = torch.promote_types(student_block_logits.dtype, torch.float32)
     s = F.softmax(student_block_logits.to(dtype), dim=-1)  # [V_s, N, P, B]
@@ -265,7 +270,7 @@ def _block_loss(student_block_logits: Tensor, teacher_block_logits: Tensor, eps:
     # every row; the NaN then fills the block's whole gradient.
     kl_to_uniform = math.log(block_size) + (pbar * pbar.clamp(eps, 1 - eps).log()).sum(-1)  # [P]
     entropy = kl_to_uniform.mean()
-    return CARPLossParts(consistency, entropy, consistency + entropy)
+    return CARPLossParts(consistency, entropy, consistency + entropy_weight * entropy)
 
 
 class CARPLoss:
@@ -274,13 +279,16 @@ class CARPLoss:
     ``pred`` is a :class:`BlockLogits` (block logits of one partition);
     labels in ``yb`` are ignored (self-supervised). The detached terms of the last call stay
     in ``self.parts`` for logging callbacks, without a host synchronisation.
+
+    ``entropy_weight`` is lambda_e (CARP: 1); a schedule
+    (:class:`carp_fast.callbacks.EntropyWeightSchedule`) sets it before every training batch.
     """
 
-    def __init__(self, eps: float | None = None):
-        self.eps = eps
+    def __init__(self, eps: float | None = None, entropy_weight: float = 1.0):
+        self.eps, self.entropy_weight = eps, entropy_weight
         self.parts: CARPLossParts | None = None
 
     def __call__(self, pred, *yb) -> Tensor:
-        parts = carp_block_loss(pred.student, pred.teacher, eps=self.eps)
+        parts = carp_block_loss(pred.student, pred.teacher, eps=self.eps, entropy_weight=self.entropy_weight)
         self.parts = CARPLossParts(*(x.detach() for x in parts))
         return parts.total

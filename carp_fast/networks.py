@@ -160,29 +160,47 @@ class StudentTeacher(nn.Module):
         seed: seed of the partition sampler.
         teacher_batch_stats: run the teacher's BatchNorm on batch statistics during
             training (as DINO and BYOL do); False keeps it in eval mode.
+        ema_teacher: False: no teacher network at all (CARL, and the paper's B.2 row "w/o
+            mom. enc.", eta = 0 in the EMA update). The targets are then the student's own
+            block logits of the global crops, detached (one forward pass less per step);
+            ``self.teacher`` is the student itself, which is what an EMA with eta = 0 would
+            hold, so whatever evaluates or exports "the teacher" gets the student, and the
+            state dict holds no ``teacher.*`` key.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, n_slots: int, block_size: int,
-                 partition: str = "random", global_crops: int = 2, seed: int = 0, teacher_batch_stats: bool = True):
+                 partition: str = "random", global_crops: int = 2, seed: int = 0, teacher_batch_stats: bool = True,
+                 ema_teacher: bool = True):
         super().__init__()
         if global_crops < 1:
             raise ValueError(f"global_crops must be >= 1, got {global_crops}")
-        self.global_crops, self.teacher_batch_stats = global_crops, teacher_batch_stats
+        if teacher is not None and not ema_teacher:
+            raise ValueError("a teacher network was given with ema_teacher=False; give none (the student is its own target)")
+        self.global_crops, self.teacher_batch_stats, self.ema_teacher = global_crops, teacher_batch_stats, ema_teacher
         self.student = student
-        if teacher is None:
-            teacher = copy.deepcopy(student)
-        else:
-            teacher.load_state_dict(student.state_dict())  # the same start
-        self.teacher = teacher
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        if ema_teacher:
+            if teacher is None:
+                teacher = copy.deepcopy(student)
+            else:
+                teacher.load_state_dict(student.state_dict())  # the same start
+            self.teacher = teacher
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
         self.partitioner = PartitionSampler(n_slots, block_size, mode=partition, seed=seed)
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The EMA teacher's branch; without one (``ema_teacher=False``), the student."""
+        # A property so that it follows the registered modules (SyncBatchNorm conversion
+        # replaces children); nn.Module.__setattr__ still registers ``self.teacher = ...``.
+        return self._modules["teacher"] if "teacher" in self._modules else self._modules["student"]
 
     def train(self, mode: bool = True) -> "StudentTeacher":
         # fastai's TrainEvalCallback calls model.train() on the whole model every epoch:
         # the teacher's mode is decided here, not by whoever calls train().
         super().train(mode)
-        self.teacher.train(mode and self.teacher_batch_stats)
+        if self.ema_teacher:
+            self.teacher.train(mode and self.teacher_batch_stats)
         return self
 
     def block_logits(self, branch: nn.Module, z: Tensor, partition: Tensor) -> Tensor:
@@ -203,18 +221,23 @@ class StudentTeacher(nn.Module):
 
         Returns:
             :class:`~carp_fast.loss.BlockLogits` with student ``[V_s, N, P, B]`` and teacher
-            ``[V_t, N, P, B]`` block logits of one fresh partition ``[P, B]``.
+            ``[V_t, N, P, B]`` block logits of one fresh partition ``[P, B]``. Without an
+            EMA teacher, the "teacher" logits are the student's of the global crops, detached.
         """
         if len(crops) < self.global_crops:
             raise ValueError(f"expected at least {self.global_crops} crops (the global ones), got {len(crops)}")
         n_images = crops[0].shape[0]
+        n_targets = self.global_crops * n_images
         z = self.student.embed(crops)  # [V_s*N, D]
-        with torch.no_grad():
-            w = self.teacher.embed(crops[: self.global_crops])  # [V_t*N, D]
+        if self.ema_teacher:
+            with torch.no_grad():
+                w = self.teacher.embed(crops[: self.global_crops])  # [V_t*N, D]
+        else:
+            w = z[:n_targets].detach()  # the student's global crops are the targets: no second forward
         partition = self.partitioner(device=z.device)  # [P, B]
         s = self.block_logits(self.student, z, partition)  # [V_s*N, P, B]
         with torch.no_grad():
-            t = self.block_logits(self.teacher, w, partition)  # [V_t*N, P, B]
+            t = self.block_logits(self.teacher, w, partition) if self.ema_teacher else s[:n_targets].detach()  # [V_t*N, P, B]
             if self.training:
                 self.after_logits(w, n_images)
         return BlockLogits(

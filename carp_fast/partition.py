@@ -22,7 +22,8 @@ class PartitionSampler(nn.Module):
 
     Args:
         n_prototypes: K.
-        block_size: B; ``B = K`` gives one block (the paper's CARL setting).
+        block_size: B; ``B = K`` gives one block (with an EMA teacher: table B.2's "w/ mom. enc." cell at
+            N_B = K; CARL is one block with no teacher, :mod:`carp_fast.carl`).
         mode: ``"random"`` draws a fresh uniformly random partition per call (paper
             section 4); ``"fixed"`` returns sequential blocks ``arange(K).view(P, B)`` every
             time (the paper's "constant" ablation, section 6.2).

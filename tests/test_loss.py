@@ -57,7 +57,7 @@ def make_logits(n_views, n_images, n_prototypes, seed, scale=3.0):
 CASES = {
     "multi-crop 8+2": dict(v_s=8, v_t=2, n=3, k=12, b=4),
     "two views 2+2": dict(v_s=2, v_t=2, n=4, k=12, b=3),
-    "one block (CARL)": dict(v_s=4, v_t=2, n=3, k=10, b=10),
+    "one block (B = K)": dict(v_s=4, v_t=2, n=3, k=10, b=10),
     "K not divisible by B": dict(v_s=3, v_t=2, n=2, k=11, b=4),
     "batch of 1": dict(v_s=4, v_t=2, n=1, k=8, b=2),
     "block of 1": dict(v_s=2, v_t=2, n=2, k=5, b=1),

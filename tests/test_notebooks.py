@@ -92,8 +92,8 @@ def test_random_partitions_runs(monkeypatch):
     assert images >= 2, f"expected the block-size and the K-sweep plots, got {images}"
     assert percents(r"k-NN top-1 at random init: ([\d.]+) %", text)
     # the summary table has one row per setting, with its k-NN top-1 column: the block-size sweep
-    # (one block: CARL), random against fixed partitions, the K sweep
-    for name in ("K=4096 B=16 random", "K=4096 B=256 random", "K=4096 B=4096 random (one block: CARL)",
+    # (one block, with the teacher), random against fixed partitions, the K sweep
+    for name in ("K=4096 B=16 random", "K=4096 B=256 random", "K=4096 B=4096 random (one block)",
                  "K=4096 B=256 fixed", "K=256 B=64 random", "K=16384 B=64 random"):
         assert name in text
     assert "k-NN top-1" in text

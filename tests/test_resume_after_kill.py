@@ -19,6 +19,7 @@ COMMON = ["--batch-size", "64", "--global-batch", "64", "--train-images", "384",
 METHODS = {
     "carp": ("fashion_mnist.py", ["--n-prototypes", "128", "--block-size", "16"], set()),
     "massl": ("fashion_mnist_massl.py", ["--memory-size", "512", "--block-size", "64"], {"memory.embeddings", "memory.pointer"}),
+    "carl": ("fashion_mnist_carl.py", ["--n-prototypes", "128"], set()),  # no teacher: the student only
 }
 
 

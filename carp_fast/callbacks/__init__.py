@@ -14,8 +14,9 @@ from .checkpointer import Checkpointer
 from .time_budget import TimeBudget
 from .preemption import EXIT_PREEMPTED, Preemption
 from .teacher_ema import TeacherEMA, ema_update, teacher_momentum
+from .entropy_weight import EntropyWeightSchedule, entropy_weight
 
 __all__ = [
-    "EXIT_PREEMPTED", "Autocast", "CARPStats", "Checkpointer", "Preemption", "FP16MixedPrecision", "MetricsLogger", "TimeBudget", "CollapseWarning", "DataWait", "DeviceRecorder", "EpochSync", "GradientAccumulation", "KNNMonitor", "NonFiniteError", "NonFiniteLossError", "NonFiniteStateError",
-    "RichProgress", "TeacherEMA", "assignment_stats", "ema_update", "precision_callbacks", "teacher_momentum",
+    "EXIT_PREEMPTED", "Autocast", "CARPStats", "Checkpointer", "Preemption", "FP16MixedPrecision", "MetricsLogger", "TimeBudget", "CollapseWarning", "DataWait", "DeviceRecorder", "EntropyWeightSchedule", "EpochSync", "GradientAccumulation", "KNNMonitor", "NonFiniteError", "NonFiniteLossError", "NonFiniteStateError",
+    "RichProgress", "TeacherEMA", "assignment_stats", "ema_update", "entropy_weight", "precision_callbacks", "teacher_momentum",
 ]

@@ -132,7 +132,8 @@ class CARPStats(Callback):
             n = sum(r["batches"] for r in records)
             summary = {k: sum(r[k] * r["batches"] for r in records) / n for k in (*self.TERMS, "agreement")}
             last = records[-1]
-            summary.update({k: last[k] for k in ("step", "micro_batch", "lr", "momentum", self.HIT, "perplexity", *self.extra())})
+            summary.update({k: last[k] for k in ("step", "micro_batch", "lr", "momentum", "entropy_weight", self.HIT, "perplexity",
+                                                 *self.extra()) if k in last})
             self.learn.carp_epoch = summary
 
     def _log(self):
@@ -160,7 +161,11 @@ class CARPStats(Callback):
         record = dict(epoch=self.learn.epoch, step=optimizer_steps(self.learn), micro_batch=self.learn.train_iter,
                       batches=len(totals), **dict(zip(self.KEYS, values[:n_keys])))
         record["lr"] = self.learn.opt.hypers[0]["lr"]
-        record["momentum"] = getattr(self.learn, "teacher_momentum", float("nan"))
+        # No teacher network: eta = 0 in the EMA update (the teacher is the student).
+        no_teacher = getattr(getattr(self.learn.model, "module", self.learn.model), "ema_teacher", True) is False
+        record["momentum"] = getattr(self.learn, "teacher_momentum", 0.0 if no_teacher else float("nan"))
+        if hasattr(self.learn, "entropy_weight"):
+            record["entropy_weight"] = self.learn.entropy_weight
         record.update(self.extra())
         self.history.append(record)
         self.learn.carp_log = record

@@ -48,6 +48,8 @@ class TeacherEMA(Callback):
     def before_fit(self):
         "Pair up the parameters once: same architecture, same order."
         model = unwrap(self.learn.model)
+        if getattr(model, "ema_teacher", True) is False:
+            raise ValueError("TeacherEMA: the model has no teacher network (ema_teacher=False, CARL); leave TeacherEMA out")
         student = list(getattr(model, self.student_attr).parameters())
         teacher = list(getattr(model, self.teacher_attr).parameters())
         if len(student) != len(teacher) or any(s.shape != t.shape for s, t in zip(student, teacher)):

@@ -125,6 +125,17 @@ def checkpoint_arch(checkpoint: Any) -> str | None:
     return None
 
 
+def has_teacher(checkpoint: Any) -> bool:
+    """False for this project's checkpoints of a run without a teacher network (its
+    ``settings`` or ``config`` say ``teacher: False``); True otherwise."""
+    if isinstance(checkpoint, Mapping):
+        for key in ("config", "settings"):
+            config = checkpoint.get(key)
+            if isinstance(config, Mapping) and config.get("teacher") is False:
+                return False
+    return True
+
+
 def backbone_state_dict(checkpoint: Any, which: str = "teacher") -> dict[str, torch.Tensor]:
     """Extract the backbone's state dict (torchvision key names, no ``fc.*``).
 
@@ -136,12 +147,18 @@ def backbone_state_dict(checkpoint: Any, which: str = "teacher") -> dict[str, to
     Returns:
         ``{torchvision_key: tensor}`` ready for ``build_backbone(arch).load_state_dict``.
 
+    A checkpoint of a run without a teacher network (this project's ``settings["teacher"]``
+    False: CARL, or CARP with ``--no-teacher``) holds only the student, which is then the
+    network evaluated for ``which="teacher"`` too (an EMA with eta = 0 is the student).
+
     Raises:
         ValueError: unknown ``which``; no backbone found; a checkpoint holding the
             other network only.
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    if which == "teacher" and not has_teacher(checkpoint):
+        which = "student"
     state = checkpoint
     if isinstance(state, Mapping) and which in state and isinstance(state[which], Mapping):
         state = state[which]  # official layout: {"student": sd, "teacher": sd}

@@ -1,4 +1,4 @@
-"""The ``carp-fast`` console command: ``train``, ``bench-data``, ``eval``.
+"""The ``carp-fast`` console command: ``train``, ``bench-data``, ``make-shards``, ``eval``.
 
 The training-step benchmark is a script of the repository, ``benchmarks/bench_train.py``.
 
@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "train": ("carp_fast.train", "pretrain CARP (recipes' options; default: the embedded Fashion-MNIST run)"),
     "bench-data": ("carp_fast.pipelines.bench", "images/s of the DALI or torchvision multi-crop pipeline"),
+    "make-shards": ("carp_fast.pipelines.make_shards", "convert an ImageNet-layout folder into tar shards (WebDataset)"),
     "eval": ("carp_fast.eval.cli", "k-NN, k-means, linear, few-shot, retrieval evaluation of a checkpoint"),
 }
 

@@ -7,13 +7,14 @@ from carp_fast.pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, CropSpec, M
 from carp_fast.pipelines.datasets import open_split
 from carp_fast.pipelines.epoch_loader import EpochLoader
 from carp_fast.pipelines.loaders import dali_available, eval_loader, pretrain_loader
+from carp_fast.pipelines.shards import ShardSource
 from carp_fast.pipelines.sources import ArraySource, FileListSource, ImageFolderSource, load_fashion_mnist
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "CropSpec", "MultiCropConfig",
     "CropDataLoaders", "EmptyLoader", "crop_dataloaders", "EpochLoader",
     "dali_available", "eval_loader", "pretrain_loader",
-    "ArraySource", "FileListSource", "ImageFolderSource", "load_fashion_mnist", "open_split",
+    "ArraySource", "FileListSource", "ImageFolderSource", "ShardSource", "load_fashion_mnist", "open_split",
 ]
 
 

@@ -7,8 +7,11 @@
 Each backend runs alone for `--seconds` after `--warmup` batches (pipeline build, first
 prefetch, page cache); epochs roll over inside the timed window, so per-epoch start-up
 (a DALI pipeline or torch workers per epoch) is counted. The last line printed is one
-JSON object: `backend`, `images_per_s`, `crops_per_s` of the first backend run, and, with
-`--backend both`, every result and the speed-up of DALI over torchvision.
+JSON object: `backend`, `images_per_s`, `crops_per_s` of the first backend run, `scan_s` (listing
+and checking the files, or indexing the shards; through the scan cache, so a second run shows what
+a later launch pays), `startup_s` (from opening the data to the first backend's first batch), and,
+with `--backend both`, every result and the speed-up of DALI over torchvision. `--data` is a
+folder of class sub-folders or of tar shards (`carp-fast make-shards`).
 """
 
 from __future__ import annotations
@@ -25,17 +28,21 @@ from rich.table import Table
 
 from carp_fast.pipelines.augment import MultiCropConfig
 from carp_fast.pipelines.loaders import pretrain_loader
-from carp_fast.pipelines.sources import ImageFolderSource
+from carp_fast.pipelines.sources import as_source
 
 
 def measure(source, crops: MultiCropConfig, backend: str, batch_size: int, workers: int, seconds: float,
             warmup: int, device=None) -> dict:
-    """Images and crops per second of one backend; batches are consumed, not kept."""
+    """Images and crops per second of one backend; batches are consumed, not kept.
+    ``first_batch_s``: from the call (building the loader) to its first batch."""
+    called = time.perf_counter()
     loader = pretrain_loader(source, crops, batch_size=batch_size, backend=backend, workers=workers, device=device)
-    done, images, start = 0, 0, None
+    done, images, start, first = 0, 0, None, None
     while start is None or time.perf_counter() - start < seconds:
         for batch in loader:
             done += 1
+            if first is None:
+                first = time.perf_counter() - called
             if done == warmup:
                 start = time.perf_counter()
             elif done > warmup:
@@ -47,12 +54,13 @@ def measure(source, crops: MultiCropConfig, backend: str, batch_size: int, worke
     elapsed = time.perf_counter() - start
     return {"backend": backend, "images_per_s": round(images / elapsed, 1),
             "crops_per_s": round(images * crops.num_crops / elapsed, 1), "images": images,
-            "seconds": round(elapsed, 2), "batch_size": batch_size, "workers": workers}
+            "seconds": round(elapsed, 2), "batch_size": batch_size, "workers": workers,
+            "first_batch_s": round(first, 3)}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="carp-fast bench-data", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="image folder in the ImageNet layout (see make_jpeg_folder)")
+    parser.add_argument("--data", required=True, help="a folder of class sub-folders (see make_jpeg_folder) or of tar shards")
     parser.add_argument("--backend", default="both", choices=["dali", "torchvision", "both"],
                         help="'both' runs DALI then torchvision in one process, for a fair comparison")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -71,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     console = Console(stderr=False)
     crops = MultiCropConfig(global_crops=args.global_crops, global_size=args.global_size,
                             local_crops=args.local_crops, local_size=args.local_size)
-    source = ImageFolderSource(args.data).check()
+    opened = time.perf_counter()
+    source = as_source(args.data).check()
+    scan_s = time.perf_counter() - opened
     backends = ["dali", "torchvision"] if args.backend == "both" else [args.backend]
     console.print(f"[bold]bench-data[/] {len(source)} images in {args.data}, "
                   f"{args.global_crops}x{args.global_size} + {args.local_crops}x{args.local_size} crops, "
@@ -89,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     console.print(table)
     summary = dict(results[0])
     summary.update(crops=f"{args.global_crops}x{args.global_size}+{args.local_crops}x{args.local_size}",
-                   data=str(args.data), num_images=len(source), cpus=os.cpu_count(),
+                   data=str(args.data), num_images=len(source), cpus=os.cpu_count(), scan_s=round(scan_s, 3),
+                   startup_s=round(scan_s + results[0]["first_batch_s"], 3),
                    gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                    python=platform.python_version())
     if len(results) == 2:

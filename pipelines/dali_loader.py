@@ -6,8 +6,18 @@ an exact, equal length on every rank, and the file list is the pre-flight-scanne
 Reading the bytes in Python is cheap next to decoding, which DALI does on its threads
 ('cpu') or with nvJPEG ('mixed').
 
+Reading off the training thread: DALI runs a non-parallel external source's callback in the
+thread that calls `next()`, so the files are read by a pool of threads a few batches ahead
+(`_feed`), in the list's order. Not DALI's parallel external source: its worker processes
+would be started per pipeline (per epoch), with 'spawn' once CUDA is initialised, and the
+source pickled to each; reading is I/O, which threads overlap as well (they release the GIL).
+
 One pipeline per epoch, seeded from (seed, shard, epoch): a resumed epoch replays its
-augmentations, and an abandoned epoch cannot leak prefetched batches into the next.
+augmentations, and an abandoned epoch cannot leak prefetched batches into the next. Not one
+pipeline per run: DALI's random operators are seeded when the pipeline is built, so in a
+pipeline that lived through several epochs epoch e's crops would depend on every batch drawn
+before it, and a resume at epoch e (or mid-epoch) could not replay them without rerunning the
+run's earlier epochs.
 Pipeline: read (external source: bytes or arrays + labels) -> decode once -> fan out
 to the crops (`dali_augment.py`) -> return.
 """
@@ -15,6 +25,7 @@ to the crops (`dali_augment.py`) -> return.
 from __future__ import annotations
 
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
@@ -30,15 +41,63 @@ from carp_fast.pipelines.epoch_loader import EpochLoader
 from carp_fast.pipelines.sharding import augment_seed, batches
 
 
-def _feed(source, batch_list: list[np.ndarray], pending: deque) -> Iterator[tuple]:
-    """Yield (images, labels) per batch; the I/O step. `pending` remembers what is in flight."""
-    for idx in batch_list:
-        pending.append(idx)
-        labels = source.labels[idx]
-        if source.is_encoded:
-            yield [source.encoded(int(i)) for i in idx], labels
-        else:
-            yield source.arrays(idx), labels
+class DaliDeviceError(RuntimeError):
+    """DALI failed for want of device memory, or on a CUDA error: not because of an image."""
+
+
+# What DALI's messages say when the device, not an image, failed (its allocators raise
+# "CUDA allocation failed" / std::bad_alloc; the CUDA runtime names its error codes).
+_MEMORY = ("CUDA allocation failed", "out of memory", "cudaErrorMemoryAllocation", "bad_alloc", "Can't allocate")
+_CUDA = ("CUDA error", "cudaError", "CUDA driver error", "CUDA runtime error", "CUDA_ERROR")
+
+
+def device_failure(error: Exception) -> str | None:
+    """"memory" or "cuda" when DALI's ``error`` is an out-of-memory or CUDA error, else None."""
+    text = str(error)
+    if any(m.lower() in text.lower() for m in _MEMORY):
+        return "memory"
+    if any(m in text for m in _CUDA):
+        return "cuda"
+    return None
+
+
+READ_THREADS = 8  # threads reading encoded images: overlap the latency of a network file system
+READ_AHEAD = 2  # batches being read beyond the one DALI asks for
+
+
+def _feed(source, batch_list: list[np.ndarray], pending: deque, pool: ThreadPoolExecutor | None) -> Iterator[tuple]:
+    """Yield (images, labels) per batch, in order; the I/O step. `pending` remembers what is in flight.
+
+    Encoded images are read by `pool`'s threads, `READ_AHEAD` batches ahead of the one DALI
+    asks for: DALI calls a (non-parallel) external source in the thread that trains, which
+    then only collects bytes already read. The order is the list's whatever thread reads what.
+    """
+    if not source.is_encoded or pool is None:
+        for idx in batch_list:
+            pending.append(idx)
+            images = [source.encoded(int(i)) for i in idx] if source.is_encoded else source.arrays(idx)
+            yield images, source.labels[idx]
+        return
+    reading: deque = deque()  # (idx, futures of its images), oldest first
+    upcoming = iter(batch_list)
+
+    def read_next() -> None:
+        idx = next(upcoming, None)
+        if idx is not None:
+            reading.append((idx, [pool.submit(source.encoded, int(i)) for i in idx]))
+
+    for _ in range(READ_AHEAD + 1):
+        read_next()
+    try:
+        while reading:
+            idx, futures = reading.popleft()
+            read_next()
+            pending.append(idx)
+            yield [f.result() for f in futures], source.labels[idx]
+    finally:  # an abandoned epoch: drop what is queued (reads already running finish, unused)
+        for _, futures in reading:
+            for f in futures:
+                f.cancel()
 
 
 def _read(feed, encoded: bool, gpu: bool):
@@ -80,6 +139,7 @@ class DaliLoader(EpochLoader):
         if workers < 1:
             raise ValueError(f"workers (DALI threads) must be >= 1, got {workers}")
         self.workers, self._graph = workers, graph
+        self._pool: ThreadPoolExecutor | None = None  # READ_THREADS, started on the first epoch
         self._names = [f"view{i}" for i in range(n_views)] + ["labels"]  # V views, then the labels
 
     def _build(self, feed, epoch: int):
@@ -93,21 +153,49 @@ class DaliLoader(EpochLoader):
     def _produce(self, order: np.ndarray, epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
         batch_list = batches(order, self.bs)
         pending: deque = deque()
-        pipe = self._build(_feed(self.source, batch_list, pending), epoch)
+        if self._pool is None and self.source.is_encoded:
+            self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="carp_fast-read")
+        pipe = self._build(_feed(self.source, batch_list, pending, self._pool), epoch)
         it = None
         try:
-            for _ in batch_list:
+            for step in range(len(batch_list)):
                 try:
                     if it is None:  # builds and prefetches: decoding starts here
                         # size=-1: the epoch ends when the feed runs out; PARTIAL keeps a short last eval batch.
                         it = DALIGenericIterator([pipe], self._names, size=-1, last_batch_policy=LastBatchPolicy.PARTIAL)
                     out = next(it)[0]
                 except RuntimeError as e:
+                    if device_failure(e) is not None:
+                        raise self._device_error(e, step, epoch) from e
                     raise self._decode_error(pending, e) from e
                 pending.popleft()
                 yield tuple(out[k] for k in self._names)
         finally:
             del it, pipe  # free the pipeline's threads and buffers now, not at the next GC
+
+    def _crops(self) -> str:
+        """The crops in words: ``2x224+6x96`` (pretraining) or ``224 from 256`` (evaluation)."""
+        if self.train:
+            sizes = [spec.size for spec in self._graph["specs"]]
+            return "+".join(f"{sizes.count(s)}x{s}" for s in dict.fromkeys(sizes))
+        resize = self._graph["resize"]
+        return f"{self._graph['size']}{'' if resize is None else f' from {resize}'}"
+
+    def _device_error(self, error: Exception, step: int, epoch: int) -> DaliDeviceError:
+        """Out of memory or a CUDA error inside DALI: say so, with the sizes that set its memory."""
+        what = device_failure(error)
+        where = f"batch {step} of epoch {epoch} on {self.device}"
+        sizes = f"batch_size={self.bs} per process, crops {self._crops()}, {self.workers} DALI threads"
+        if what == "memory":
+            advice = ("DALI allocates from its own pool, beside torch's caching allocator: lower the batch size "
+                      "(raise gradient accumulation to keep the global batch), use fewer or smaller crops, or leave "
+                      "DALI more memory (a smaller model batch, PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)")
+            head = "DALI ran out of memory"
+        else:
+            advice = "check the GPU (nvidia-smi), the driver and that DALI's CUDA build matches it"
+            head = "DALI hit a CUDA error"
+        return DaliDeviceError(f"{head} at {where} ({sizes}); not a broken image. {advice}. "
+                               f"DALI said: {str(error).strip()[:500]}")
 
     def _decode_error(self, pending: deque, error: Exception) -> RuntimeError:
         """Name the images of the oldest batch in flight: DALI's own message names none."""

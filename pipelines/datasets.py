@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from carp_fast.pipelines.sources import ArraySource, EncodedSource, ImageFolderSource, load_fashion_mnist
+from carp_fast.pipelines.sources import ArraySource, EncodedSource, load_fashion_mnist, open_folder
 
 SPLITS = {"train": ("train",), "test": ("val", "test")}  # sub-folders tried, in order
 
@@ -22,7 +22,8 @@ def open_split(data: str | os.PathLike, split: str, *, root: str | os.PathLike |
         data: ``"fashion-mnist"`` (idx files in ``root``, else Debian's
             ``/usr/share/datasets/fashion-mnist``, else torchvision's download), or a folder:
             ``DIR/train/<class>/*`` with ``DIR/val/<class>/*`` (or ``DIR/test``), or
-            ``DIR/<class>/*`` alone, which is the training split and has no test split.
+            ``DIR/<class>/*`` alone, which is the training split and has no test split; each
+            split may instead be a folder of tar shards (``DIR/train/*.tar``, `ShardSource`).
         split: ``"train"`` or ``"test"``.
         root: where Fashion-MNIST's idx files are (ignored for folders).
         required: a folder without a test split raises (True) or gives None.
@@ -36,9 +37,9 @@ def open_split(data: str | os.PathLike, split: str, *, root: str | os.PathLike |
         raise FileNotFoundError(f"data {str(folder)!r}: no such folder; give an ImageNet-layout folder or 'fashion-mnist'")
     for name in SPLITS[split]:
         if (folder / name).is_dir():
-            return ImageFolderSource(folder / name)
+            return open_folder(folder / name)
     if split == "train":
-        return ImageFolderSource(folder)  # class folders directly under DIR
+        return open_folder(folder)  # class folders (or tar shards) directly under DIR
     if required:
         raise FileNotFoundError(
             f"data {str(folder)!r} has no val/ or test/ folder; expected the ImageNet layout "

@@ -3,10 +3,11 @@
 A source is a random-access list of N images with labels (`-1` when unlabelled). It
 does the I/O and nothing else; augmentation happens in the pipelines. Two kinds:
 
-- encoded sources (`ImageFolderSource`, `FileListSource`): `encoded(i)` returns the
-  file's bytes, decoded later by DALI or torchvision. Files are checked once by a
-  pre-flight scan (`scan.py`) on first use; broken ones are skipped with a warning, or
-  rejected with `check(strict=True)`.
+- encoded sources (`ImageFolderSource`, `FileListSource`, and `ShardSource` in
+  `shards.py`): `encoded(i)` returns the image's bytes, decoded later by DALI or
+  torchvision. Files are checked by a pre-flight scan (`scan.py`) on first use, done once
+  across processes and launches (`scan_cache.py`); broken ones are skipped with a warning,
+  or rejected with `check(strict=True)`.
 - array sources (`ArraySource`): `arrays(idx)` returns decoded `[B, H, W, 3]` uint8.
 """
 
@@ -14,12 +15,14 @@ from __future__ import annotations
 
 import gzip
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from carp_fast.pipelines.scan import ScanResult, report_bad, scan_files, to_rgb_png
+from carp_fast.pipelines.scan_cache import cached_scan
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 
@@ -28,13 +31,18 @@ class EncodedSource:
     """Base of file-backed sources: candidate files, labels, lazy pre-flight scan.
 
     `files` [N] and `labels` [N] are those of the usable images: reading either runs the
-    scan (once) if `check()` has not.
+    scan (once) if `check()` has not. `cache_root`: the data's folder, under which name the
+    scan's results are kept for later launches and the other ranks (`scan_cache.py`); None:
+    no cache. `scan_seconds`: the time the scan took in this process (0 before it ran).
     """
 
     is_encoded = True
 
     def __init__(self, files: list[str], labels: np.ndarray, num_classes: int, where: str,
-                 empty_classes: list[str] | None = None, scan: ScanResult | None = None) -> None:
+                 empty_classes: list[str] | None = None, scan: ScanResult | None = None,
+                 cache_root: str | None = None) -> None:
+        self.cache_root = cache_root
+        self.scan_seconds = 0.0
         self._candidates = files
         self._candidate_labels = labels.astype(np.int64)
         self.num_classes = num_classes
@@ -57,7 +65,13 @@ class EncodedSource:
     def check(self, strict: bool = False) -> "EncodedSource":
         """Scan the files once; warn about (or, strict, raise on) unusable ones."""
         if self._scan is None:
-            self._use_scan(scan_files(self._candidates))
+            started = time.perf_counter()
+            if self.cache_root is None:
+                found = scan_files(self._candidates)
+            else:
+                found = cached_scan(self._candidates, self.cache_root)
+            self.scan_seconds = time.perf_counter() - started
+            self._use_scan(found)
         self._strict = self._strict or strict
         if strict:
             report_bad(self._scan.bad, self.empty_classes, self.where, strict=True)
@@ -73,6 +87,12 @@ class EncodedSource:
         """Paths of the usable images [N]."""
         self.check()
         return self._files
+
+    @property
+    def bad_files(self) -> list[tuple[str, str]]:
+        """(path, reason) of every file the pre-flight scan left out."""
+        self.check()
+        return list(self._scan.bad)
 
     @property
     def labels(self) -> np.ndarray:
@@ -94,7 +114,7 @@ class EncodedSource:
             scan = ScanResult(keep=self._scan.keep[idx], convert=self._scan.convert[idx],
                               bad=[(f, why) for f, why in self._scan.bad if f in chosen])
         return EncodedSource(files, self._candidate_labels[idx], self.num_classes,
-                             f"{self.where} (a subset of {len(idx)})", scan=scan)
+                             f"{self.where} (a subset of {len(idx)})", scan=scan, cache_root=self.cache_root)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -168,14 +188,14 @@ class ImageFolderSource(EncodedSource):
             raise ValueError(f"image folder {str(root)!r} has no class sub-folders (expected root/<class>/<image>)")
         files, labels, empty = [], [], []
         for label, cls in enumerate(self.classes):
-            names = sorted(p for p in (root / cls).rglob("*") if p.is_file() and not p.name.startswith("."))
+            names = _list_files(str(root / cls))
             if not names:
                 empty.append(cls)
-            files += [str(p) for p in names]
+            files += names
             labels += [label] * len(names)
         if not files:
             raise ValueError(f"image folder {str(root)!r} holds no files in its {len(self.classes)} class folder(s)")
-        super().__init__(files, np.array(labels), len(self.classes), str(root), empty)
+        super().__init__(files, np.array(labels), len(self.classes), str(root), empty, cache_root=str(root))
 
     def subset(self, n: int, seed: int = 0) -> EncodedSource:
         """As `EncodedSource.subset`, keeping `root` and `classes` (the labels still index them)."""
@@ -215,7 +235,8 @@ class FileListSource(EncodedSource):
         if missing:
             raise FileNotFoundError(f"{len(missing)} file(s) of {where!r} do not exist, e.g. {missing[:3]}")
         labels = np.array(labels, dtype=np.int64)
-        super().__init__(files, labels, int(labels.max()) + 1 if (labels >= 0).any() else 0, where)
+        super().__init__(files, labels, int(labels.max()) + 1 if (labels >= 0).any() else 0, where,
+                         cache_root=os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files]))
 
     @staticmethod
     def _parse(entry) -> tuple[str, int]:
@@ -280,6 +301,27 @@ class ArraySource:
         return f"ArraySource({self.images.shape}, num_classes={self.num_classes})"
 
 
+def _list_files(folder: str) -> list[str]:
+    """The non-hidden files under ``folder``, recursively, in `Path` order (parts compared in turn).
+
+    What ``sorted(p for p in Path(folder).rglob("*") if p.is_file() and not hidden)`` gives, without
+    a `stat` per file: `os.scandir` tells files from folders by the directory entry's type (a stat
+    only for symbolic links). Like `rglob`, it does not descend into linked folders.
+    """
+    found, todo = [], [folder]
+    while todo:
+        try:
+            with os.scandir(todo.pop()) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        todo.append(entry.path)
+                    elif not entry.name.startswith(".") and entry.is_file():
+                        found.append(entry.path)
+        except PermissionError:  # skipped, as by rglob
+            continue
+    return sorted(found, key=lambda path: path.split(os.sep))
+
+
 def _subset_indices(total: int, n: int, seed: int) -> np.ndarray:
     if n < 1:
         raise ValueError(f"a subset needs n >= 1 images, got n={n}")
@@ -330,9 +372,17 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
 
 
 def as_source(obj) -> EncodedSource | ArraySource:
-    """Accept a source, or a path to an image folder (ImageNet layout)."""
+    """Accept a source, or a path to an image folder (class sub-folders) or a folder of tar shards."""
     if isinstance(obj, (EncodedSource, ArraySource)):
         return obj
     if isinstance(obj, (str, os.PathLike)):
-        return ImageFolderSource(obj)
-    raise ValueError(f"source must be an ImageFolderSource, FileListSource, ArraySource or a folder path, got {type(obj).__name__}")
+        return open_folder(obj)
+    raise ValueError(f"source must be an ImageFolderSource, FileListSource, ShardSource, ArraySource or a folder path, "
+                     f"got {type(obj).__name__}")
+
+
+def open_folder(path: str | os.PathLike) -> EncodedSource:
+    """A `ShardSource` when ``path`` holds ``*.tar`` files, else an `ImageFolderSource`."""
+    from carp_fast.pipelines.shards import ShardSource, is_shard_folder
+
+    return ShardSource(path) if is_shard_folder(path) else ImageFolderSource(path)

@@ -37,6 +37,14 @@ def run_ranks(worker, world_size: int, timeout: float) -> dict:
     return results
 
 
+@pytest.fixture(autouse=True)
+def scan_cache_folder(tmp_path_factory, monkeypatch):
+    """Each test keeps its pre-flight scans in a folder of its own, never in ~/.cache."""
+    folder = tmp_path_factory.mktemp("carp_fast_cache")
+    monkeypatch.setenv("CARP_FAST_CACHE", str(folder))
+    return folder
+
+
 @pytest.fixture
 def tiny_dls():
     """fastai DataLoaders over random 2x16 px + 2x8 px crops, batch 8, no validation."""

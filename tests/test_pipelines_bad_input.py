@@ -102,6 +102,32 @@ def test_decoder_failure_names_the_files(messy, monkeypatch):
         list(loader)
 
 
+@pytest.mark.parametrize("said,kind", [
+    ("Critical error in pipeline:\nError in MIXED operator `nvidia.dali.fn.decoders.image`\nCUDA allocation failed\n"
+     "Current pipeline object is no longer valid.", "out of memory"),
+    ("Critical error in pipeline:\nCUDA runtime error (700): cudaErrorIllegalAddress", "a CUDA error")])
+def test_a_dali_out_of_memory_or_cuda_error_is_not_blamed_on_the_images(messy, monkeypatch, said, kind):
+    """DALI's own failure at the pipeline-run boundary: its own message, with the batch and crop sizes."""
+    from nvidia.dali.pipeline import Pipeline
+
+    from carp_fast.pipelines.dali_loader import DaliDeviceError
+
+    def failing(self, *args, **kwargs):
+        raise RuntimeError(said)
+
+    monkeypatch.setattr(Pipeline, "share_outputs", failing)
+    with pytest.warns(UserWarning):
+        train = pretrain_loader(ImageFolderSource(messy), CROPS, batch_size=4, backend="dali", workers=1)
+    with pytest.raises(DaliDeviceError, match=f"DALI (ran|hit) {kind} at batch 0 of epoch 0 on cpu "
+                                              r"\(batch_size=4 per process, crops 2x24\+1x12, 1 DALI threads\); "
+                                              "not a broken image") as error:
+        list(train)
+    assert "good0.jpg" not in str(error.value) and said.splitlines()[-1] in str(error.value)
+    evaluation = eval_loader(train.source, size=24, resize=32, batch_size=3, backend="dali", workers=1)
+    with pytest.raises(DaliDeviceError, match=r"batch_size=3 per process, crops 24 from 32"):
+        list(evaluation)
+
+
 @pytest.mark.parametrize("backend", ["dali", "torchvision"])
 def test_an_image_deleted_after_the_scan_is_skipped_with_one_warning(messy, backend):
     """Deleted between the pre-flight scan and its batch: the next image of its class stands in

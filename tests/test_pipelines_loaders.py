@@ -224,3 +224,27 @@ def test_gpu_path_matches_cpu_path(jpeg_folder):
     batch = next(iter(pretrain_loader(src, SMALL, batch_size=4, backend="dali", device="cuda")))
     assert all(t.is_cuda for t in batch)
     _check_crops(tuple(t.cpu() for t in batch), SMALL, 4)
+
+
+def test_dali_reads_files_off_the_training_thread_in_order(jpeg_folder, monkeypatch):
+    """The DALI path's files are read by its reading threads, ahead, and the batches keep the order."""
+    import threading
+
+    source = ImageFolderSource(jpeg_folder).check()
+    readers, read = set(), source.encoded
+    monkeypatch.setattr(source, "encoded", lambda i: (readers.add(threading.current_thread().name), read(i))[1])
+    loader = eval_loader(source, size=32, resize=40, batch_size=5, backend="dali", workers=1)
+    labels = torch.cat([y for _, y in loader])
+    assert labels.tolist() == source.labels.tolist()  # 12 images in the source's order, 3 batches
+    assert readers and all(name.startswith("carp_fast-read") for name in readers)
+
+
+def test_the_gpu_decoder_settings_are_arguments_of_dalis_decoder():
+    """`MIXED_DECODER` only runs on a GPU: its names are checked against DALI's schema here."""
+    from nvidia.dali import backend
+
+    from carp_fast.pipelines.dali_augment import MIXED_DECODER
+
+    schema = backend.GetSchema("decoders__Image")
+    assert all(schema.HasArgument(name) for name in MIXED_DECODER), MIXED_DECODER
+    assert 0 <= MIXED_DECODER["hw_decoder_load"] <= 1

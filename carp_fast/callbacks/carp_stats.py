@@ -9,7 +9,7 @@ import torch
 from fastai.callback.core import Callback
 
 from ..checkpoint import NonFiniteError, last_good
-from ..distributed import any_process
+from ..distributed import any_process, unwrap
 from .accumulation import optimizer_steps
 from .teacher_ema import TeacherEMA
 
@@ -175,8 +175,10 @@ class CARPStats(Callback):
         n_assignments = pred.teacher.shape[0] * pred.teacher.shape[1]
         threshold = max(2.0, self.collapse_fraction * min(pred.partition.numel(), n_assignments))
         if record["perplexity"] < threshold and n_assignments > 2:
+            has_teacher = getattr(unwrap(self.learn.model), "ema_teacher", True)
+            target = "the teacher's" if has_teacher else "the targets' (the student's, no teacher)"
             message = (
-                f"{self.METHOD} assignments are collapsing at step {record['step']}: the teacher's "
+                f"{self.METHOD} assignments are collapsing at step {record['step']}: {target} "
                 f"{n_assignments} assignments use {int(record[self.HIT])} targets "
                 f"(perplexity {record['perplexity']:.2f} < {threshold:.2f}); check {self.ADVICE}"
             )

@@ -104,8 +104,10 @@ def step_times(arch: str, sizes: list[int], batch_size: int, device: torch.devic
                 synchronize()
                 seconds[name].append((time.perf_counter() - start) / steps)
     result = {f"{name}_ms": round(1000 * statistics.median(s), 2) for name, s in seconds.items()}
-    floor = result["BatchNorm2d_ms"]
-    result |= {f"{name}_over_BatchNorm2d": round(result[f"{name}_ms"] / floor, 3) for name in nets if name != "BatchNorm2d"}
+    # Paired per round: the two measured back to back, under the same load.
+    result |= {f"{name}_over_BatchNorm2d": round(statistics.median(a / b for a, b in zip(s, seconds["BatchNorm2d"])), 3)
+               for name, s in seconds.items() if name != "BatchNorm2d"}
+    result["rounds_ms"] = {name: [round(1000 * v, 1) for v in s] for name, s in seconds.items()}
     return result
 
 

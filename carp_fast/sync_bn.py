@@ -46,8 +46,11 @@ def local_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Per-channel mean and ``1 / sqrt(biased var + eps)`` of ``x [N, C, ...]``: two ``[C]`` float32."""
     if x.is_cuda:
         return torch.batch_norm_stats(x, eps)
-    var, mean = torch.var_mean(x.float(), _channel_dims(x), correction=0)
-    return mean, torch.rsqrt(var + eps)
+    # torch's CPU kernel, fused; an fp32 weight makes it keep fp32 statistics for a bf16 input
+    # (its normalised output is not used).
+    ones = torch.ones(x.shape[1], dtype=torch.float32, device=x.device)
+    _, mean, invstd = torch.native_batch_norm(x, ones, None, None, None, True, 0.0, eps)
+    return mean, invstd
 
 
 def global_stats(x: Tensor, mean_all: Tensor, invstd_all: Tensor, running_mean: Tensor | None,
@@ -98,12 +101,21 @@ def backward_input(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: 
     """The input gradient from the all-reduced sums (``[C]``) and the ``[W]`` int32 counts."""
     if x.is_cuda:
         return torch.batch_norm_backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, counts)
-    # The same formula, per channel affine in dy and x: a * dy + k * x + b, two fused passes.
-    n = counts.sum().float()
-    a = invstd if weight is None else invstd * weight
-    k = -a * invstd.pow(2) * sum_dy_xmu / n
-    b = -a * sum_dy / n - k * mean
-    return torch.addcmul(torch.addcmul(_per_channel(b, x), x, _per_channel(k, x)), dy, _per_channel(a, x)).to(x.dtype)
+    # torch's fused CPU backward with the global statistics gives the formula with this rank's
+    # own means of dy and dy * (x - mean) (L1, L2, from its bias and weight gradients); the
+    # formula with the global ones (G1, G2) differs by a per-channel affine function of x:
+    #   dx = dx_local + (x - mean) * invstd^3 * w * (L2 - G2) + invstd * w * (L1 - G1),
+    # which torch's fused inference BatchNorm computes (mean as its mean, variance 1 - eps).
+    ones = torch.ones_like(mean)
+    w = ones if weight is None else weight.float()
+    dx_local, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(dy, x, w, None, None, mean, invstd, True, 0.0,
+                                                                          [True, True, True])
+    n_local, n = x.numel() // x.shape[1], counts.sum().float()
+    local_dy, local_dy_xmu = grad_b.float() / n_local, grad_w.float() / invstd / n_local
+    slope = invstd.pow(3) * w * (local_dy_xmu - sum_dy_xmu / n)
+    offset = invstd * w * (local_dy - sum_dy / n)
+    eps = 1e-5
+    return dx_local + F.batch_norm(x, mean, ones - eps, slope, offset, training=False, momentum=0.0, eps=eps)
 
 
 def _all_gather_rows(row: Tensor, group) -> Tensor:

@@ -10,9 +10,12 @@ Every method trains on Fashion-MNIST with the embedded recipe's (``recipes/fashi
 backbone, multi-crop views, AdamW, learning-rate and weight-decay cosines, batch and data
 subset, for the same minutes of training (each method's schedules planned to them by
 carp_fast's TimeBudget, so a faster step gets more steps) or the same ``--steps``, and is then scored by the recipe's k-NN (k = 20,
-T = 0.07) on the recipe's bank (a fixed random 20,000 training images drawn with seed + 1,
-``carp_fast.run.open_sources``) and all 10k test images. Scored is the teacher's backbone where
-there is one (CARP, DINO), else the network's own (SwAV).
+T = 0.07) and a linear probe (``carp_fast.eval.linear.bank_probe``, on the same cached
+features) on the recipe's bank (a fixed random 20,000 training images drawn with seed + 1,
+``carp_fast.run.open_sources``) and all 10k test images; ``--eval-on validation`` scores on the
+10k held-out training images instead (the bank and pretraining then draw from the other 50k):
+tune there, measure the test once. Scored is the teacher's backbone where there is one (CARP,
+DINO), else the network's own (SwAV).
 
 - ``carp``: carp_fast's own learner (:func:`carp_fast.carp.carp_learner`), the same-script reference.
 - ``swav``: lightly's ``SwaVProjectionHead`` (backbone -> hidden_dim -> embed_dim), L2
@@ -303,13 +306,21 @@ def knn_loaders(sources, settings: TrainSettings, accelerator):
     return eval_loader(sources.bank, **kw), eval_loader(sources.queries, **kw)
 
 
-def knn_top1(backbone: nn.Module, bank_dl, query_dl, device) -> float:
-    """k-NN top-1 (percent, k = 20, T = 0.07) of ``backbone``'s features, as the recipe scores."""
-    from carp_fast.eval import extract_features, knn_accuracy
+def scores(bank, queries) -> tuple[float, float]:
+    """k-NN top-1 (percent, k = 20, T = 0.07) and the linear probe's top-1 on cached features, as the recipe scores."""
+    from carp_fast.eval import bank_probe, knn_accuracy
+
+    knn = knn_accuracy(bank.features, bank.labels, queries.features, queries.labels, k=20, temperature=0.07).top1
+    return knn, bank_probe(bank, queries).top1
+
+
+def knn_top1(backbone: nn.Module, bank_dl, query_dl, device) -> tuple[float, float]:
+    """:func:`scores` of ``backbone``'s features, extracted once for both protocols."""
+    from carp_fast.eval import extract_features
 
     bank = extract_features(backbone, bank_dl, device=device, progress=False)
     queries = extract_features(backbone, query_dl, device=device, progress=False)
-    return knn_accuracy(bank.features, bank.labels, queries.features, queries.labels, k=20, temperature=0.07).top1
+    return scores(bank, queries)
 
 
 def run_method(method: str, settings: TrainSettings, config: CARPConfig, peers: PeerSettings) -> dict:
@@ -339,10 +350,12 @@ def run_method(method: str, settings: TrainSettings, config: CARPConfig, peers: 
     scored = "teacher" if hasattr(learn.model, "teacher") else "student"
     result = {}
     if peers.baselines:
-        from carp_fast.eval.pixels import raw_pixel_knn
+        from carp_fast.eval.pixels import raw_pixel_features
 
-        result["knn_top1_raw_pixels"] = raw_pixel_knn(bank_dl, query_dl, k=20, temperature=0.07).top1
-        result["knn_top1_random_init"] = knn_top1(getattr(learn.model, scored).backbone, bank_dl, query_dl, accelerator.device)
+        pixels = scores(raw_pixel_features(bank_dl), raw_pixel_features(query_dl))
+        init = knn_top1(getattr(learn.model, scored).backbone, bank_dl, query_dl, accelerator.device)
+        result.update(knn_top1_raw_pixels=pixels[0], linear_top1_raw_pixels=pixels[1],
+                      knn_top1_random_init=init[0], linear_top1_random_init=init[1])
     start_time = time.perf_counter()
     learn.fit(settings.epochs if settings.minutes and not peers.steps else math.ceil(steps / per_epoch))
     train_s = time.perf_counter() - start_time
@@ -350,9 +363,9 @@ def run_method(method: str, settings: TrainSettings, config: CARPConfig, peers: 
 
     done = optimizer_steps(learn)
     start_time = time.perf_counter()
-    top1 = knn_top1(getattr(learn.model, scored).backbone, bank_dl, query_dl, accelerator.device)
+    top1, linear = knn_top1(getattr(learn.model, scored).backbone, bank_dl, query_dl, accelerator.device)
     return {
-        "method": method, "knn_top1": top1, **result, "steps": done, "images": done * config.global_batch,
+        "method": method, "knn_top1": top1, "linear_top1": linear, "eval_on": sources.eval_on, **result, "steps": done, "images": done * config.global_batch,
         "train_s": train_s, "images_per_s": done * config.global_batch / train_s, "knn_s": time.perf_counter() - start_time,
         "scored": f"{scored} backbone", "freeze_steps": freeze, "precision": config.resolved_precision(accelerator.device),
         "final_loss": float(learn.recorder.losses[-1]) if getattr(learn, "recorder", None) is not None and learn.recorder.losses else None,
@@ -368,12 +381,13 @@ def _lightly_version() -> str:
     return lightly.__version__
 
 
-HEADER = "| method | k-NN top-1 % | steps | train s | images/s | scored |\n|---|---:|---:|---:|---:|---|"
+HEADER = ("| method | queries | k-NN top-1 % | linear probe top-1 % | steps | train s | images/s | scored |\n"
+          "|---|---|---:|---:|---:|---:|---:|---|")
 
 
 def table_row(result: dict) -> str:
-    return (f"| {result['method']} | {result['knn_top1']:.2f} | {result['steps']} | {result['train_s']:.0f} "
-            f"| {result['images_per_s']:.0f} | {result['scored']} |")
+    return (f"| {result['method']} | {result['eval_on']} | {result['knn_top1']:.2f} | {result['linear_top1']:.2f} "
+            f"| {result['steps']} | {result['train_s']:.0f} | {result['images_per_s']:.0f} | {result['scored']} |")
 
 
 def main(argv=None) -> list[dict]:
@@ -387,7 +401,8 @@ def main(argv=None) -> list[dict]:
         with path.open("a") as f:
             f.write(json.dumps(result) + "\n")
         if "knn_top1_raw_pixels" in result:
-            print(f"raw pixels {result['knn_top1_raw_pixels']:.2f} %, {method} at random initialisation {result['knn_top1_random_init']:.2f} %")
+            print(f"k-NN / linear probe: raw pixels {result['knn_top1_raw_pixels']:.2f} / {result['linear_top1_raw_pixels']:.2f} %, "
+                  f"{method} at random initialisation {result['knn_top1_random_init']:.2f} / {result['linear_top1_random_init']:.2f} %")
     print(HEADER)
     for result in results:
         print(table_row(result))

@@ -46,7 +46,10 @@ CHECKPOINT_NAME = "checkpoint.pth"
 KEEP = 2  # checkpoints kept by default: the newest and the one before it
 # Settings that may change between a run and its resumption (budgets, output, logging).
 RESUMABLE_CHANGES = frozenset({"epochs", "minutes", "out", "resume", "workers", "log_every", "knn_every", "checkpoint_every", "progress",
-                               "checkpoint_minutes", "stop_signals", "overwrite", "device"})
+                               "checkpoint_minutes", "stop_signals", "overwrite", "device", "linear_probe"})
+# Settings added after checkpoints existed, with the value every run before them had: a
+# checkpoint without one was written with that value.
+ADDED_SETTINGS = {"eval_on": "test", "teacher": True, "entropy_weight": 1.0, "final_entropy_weight": None}
 REQUIRED_KEYS = frozenset({"model", "opt", "epoch", "train_iter", "rng", "settings"})
 # The checksum lives inside the file, in its zip comment, rather than in a sidecar: file and
 # checksum are renamed, rotated and copied as one, so a kill between two renames cannot pair a
@@ -489,6 +492,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 def check_same_run(saved: dict, current: dict, path) -> None:
     """Raise if the checkpoint's settings differ from this run's in anything but budgets."""
+    saved = {**{k: v for k, v in ADDED_SETTINGS.items() if k in current}, **saved}
     keys = (set(saved) | set(current)) - RESUMABLE_CHANGES
     differ = sorted(k for k in keys if saved.get(k) != current.get(k))
     if differ:

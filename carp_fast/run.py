@@ -14,7 +14,8 @@ A recipe (``recipes/*.py``) holds settings and names its method; :func:`pretrain
 
 Each step is a public function, for a notebook or a script that changes one of them. A run
 writes to ``--out``: ``metrics.jsonl``, ``tensorboard/``, ``checkpoint.pth`` (resumable with
-``--resume``), ``backbone_teacher.pth`` (+ ``.safetensors``) and ``summary.json``.
+``--resume``), ``backbone_teacher.pth`` (+ ``.safetensors``; the student's backbone in a run
+without a teacher network) and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from .method import Method
 from .options import check_all, setting
 from .options import parse_settings as _parse
 from .pipelines.loaders import BACKENDS
+
+
+EVAL_ON = ("test", "validation")  # --eval-on: the k-NN's queries (open_sources)
 
 
 @dataclass
@@ -72,6 +76,11 @@ class TrainSettings:
     eval_size: int = setting(224, "evaluation crop size")
     eval_resize: int | None = setting(256, "evaluation resize before the centre crop (None: none)")
     knn_random_init: bool = setting(False, "also evaluate the network at initialisation and raw pixels (printed side by side)")
+    eval_on: str = setting("test", "the k-NN's queries: test (the test split; bank and pretraining from all training images) "
+                                   "| validation (10k training images held out with a fixed seed, the same for every run; "
+                                   "bank and pretraining from the rest). Tune on validation, measure the test once")
+    linear_probe: bool = setting(False, "beside every k-NN evaluation, a linear probe trained on the bank's cached features "
+                                        "and scored on the queries' (a few seconds on a CPU for small data)")
     checkpoint_every: int = setting(1, "epochs between checkpoints")
     checkpoint_minutes: float | None = setting(None, "minutes between checkpoints inside an epoch (None: at epoch ends only)")
     stop_signals: str = setting("SIGTERM,SIGINT,SIGUSR1", "signals that stop the run with a checkpoint at the step's end "
@@ -98,6 +107,7 @@ class TrainSettings:
             (self.workers >= 1, "--workers must be >= 1"),
             (self.knn_every >= 0 and self.knn_bank >= 0 and self.knn_queries >= 0, "--knn-every, --knn-bank and --knn-queries must be >= 0"),
             (self.eval_resize is None or self.eval_resize >= self.eval_size, "--eval-resize must be >= --eval-size (or None)"),
+            (self.eval_on in EVAL_ON, f"--eval-on must be one of {', '.join(EVAL_ON)}"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
             (self.checkpoint_minutes is None or self.checkpoint_minutes > 0, "--checkpoint-minutes must be > 0 (or none)"),
             (all(isinstance(getattr(signal, n, None), signal.Signals) for n in self.signal_names()),
@@ -125,6 +135,8 @@ def _check_data(data: str) -> None:
     if not folder.is_dir():
         raise ValueError(f"--data {data!r}: no such folder; give an ImageNet-layout folder or 'fashion-mnist'")
     train = folder / "train" if (folder / "train").is_dir() else folder
+    if any(p.suffix == ".tar" for p in train.iterdir()):  # tar shards (carp-fast make-shards): read when opened
+        return
     classes = [p for p in train.iterdir() if p.is_dir()]
     if not classes or not any(any(p.iterdir()) for p in classes):
         raise ValueError(f"--data {data!r}: no class folders with images in {str(train)!r} (expected DIR/train/<class>/*)")
@@ -243,27 +255,42 @@ def start(settings: TrainSettings, config):
 
 
 class Sources(NamedTuple):
-    """The run's images: pretraining, the k-NN monitor's labelled bank and its queries (or None)."""
+    """The run's images: pretraining, the k-NN monitor's labelled bank and its queries (or
+    None), and which split the queries are (``"test"`` or ``"validation"``)."""
 
     train: object
     bank: object
     queries: object | None
+    eval_on: str = "test"
 
 
 def open_sources(settings: TrainSettings, config) -> Sources:
     """Open ``--data``; ``--train-images`` and ``--knn-bank`` / ``--knn-queries`` take fixed
-    random subsets (the same on every process and in a resumed run)."""
+    random subsets (the same on every process and in a resumed run).
+
+    ``--eval-on test``: pretraining and the bank draw from the whole training split, the
+    queries are the test split. ``--eval-on validation``: 10k training images held out with a
+    fixed seed (``carp_fast.pipelines.validation``, the same for every method and ``--seed``)
+    are the queries; pretraining and the bank draw only from the other 50k. The one place
+    where a run's images are chosen: the monitor, the final evaluation (k-NN and linear probe)
+    and the raw-pixel baseline all read these sources.
+    """
     from .pipelines import open_split
+    from .pipelines.validation import split_validation
 
     try:
         full_train = open_split(settings.data, "train", root=settings.data_root)
-        queries = open_split(settings.data, "test", root=settings.data_root, required=False)
+        if settings.eval_on == "validation":
+            full_train, queries = split_validation(full_train)  # the held-out 10k never reach pretraining or the bank
+        else:
+            queries = open_split(settings.data, "test", root=settings.data_root, required=False)
     except (FileNotFoundError, ValueError) as error:
         raise SettingsError(f"--data {settings.data!r}: {error}") from None
     return Sources(
         _subset(full_train, settings.train_images, config.seed),
         _subset(full_train, settings.knn_bank, config.seed + 1),
         None if queries is None else _subset(queries, settings.knn_queries, config.seed + 2),
+        settings.eval_on,
     )
 
 
@@ -311,7 +338,7 @@ def run_callbacks(settings: TrainSettings, config, sources: Sources, accelerator
         eval_kw = dict(size=settings.eval_size, resize=settings.eval_resize, batch_size=256, backend=settings.backend,
                        device=accelerator.device, workers=settings.workers)
         callbacks.append(KNNMonitor(eval_loader(sources.bank, **eval_kw), eval_loader(sources.queries, **eval_kw),
-                                    every=settings.knn_every or settings.epochs))
+                                    every=settings.knn_every or settings.epochs, linear_probe=settings.linear_probe))
     if settings.minutes:
         callbacks.append(TimeBudget(settings.minutes, started=started))
     return callbacks
@@ -319,7 +346,8 @@ def run_callbacks(settings: TrainSettings, config, sources: Sources, accelerator
 
 def knn_baselines(learn, settings: TrainSettings) -> dict:
     """With ``--knn-random-init``: the k-NN top-1 of the teacher at initialisation and of the
-    raw pixels, on the monitor's bank and queries (same k and T).
+    raw pixels, on the monitor's bank and queries (same k and T); with ``--linear-probe``, the
+    linear probe's top-1 of both too, on the same features (the pixels extracted once).
 
     Measured before the first step and kept in ``out/baselines.json``, from which a resumed
     run reads them back. Every process calls it; the main one evaluates while the others
@@ -334,10 +362,16 @@ def knn_baselines(learn, settings: TrainSettings) -> dict:
     result = knn.evaluate_on_main()
     if result is None:
         return {}
-    from .eval.pixels import raw_pixel_knn
+    from .eval.knn import knn_accuracy
+    from .eval.linear import bank_probe
+    from .eval.pixels import raw_pixel_features
 
-    pixels = raw_pixel_knn(knn.train_dl, knn.valid_dl, k=knn.k, temperature=knn.temperature)
+    bank, queries = raw_pixel_features(knn.train_dl), raw_pixel_features(knn.valid_dl)
+    pixels = knn_accuracy(bank.features, bank.labels, queries.features, queries.labels,
+                          k=min(knn.k, len(bank.labels)), temperature=knn.temperature)
     baselines = {"knn_top1_random_init": result[0], "knn_top1_raw_pixels": pixels.top1}
+    if knn.linear_probe:
+        baselines.update(linear_top1_random_init=knn.probe_top1, linear_top1_raw_pixels=bank_probe(bank, queries).top1)
     file.write_text(json.dumps(baselines) + "\n")
     return baselines
 
@@ -355,6 +389,8 @@ def finish(learn, settings: TrainSettings, config, baselines: dict) -> dict:
         result = knn.evaluate_on_main()  # every rank decides alike; the others wait for the main one
         if result is not None:
             learn.knn_top1 = result[0]
+            if knn.linear_probe:
+                learn.linear_top1 = knn.probe_top1
     accelerator, out = learn.accelerator, Path(settings.out)
     summary = {"out": str(out), "method": learn.method.name}
     if accelerator.is_main_process:
@@ -364,28 +400,37 @@ def finish(learn, settings: TrainSettings, config, baselines: dict) -> dict:
         summary["stopped_early"] = getattr(learn, "stopped_early", False)
         if knn is not None:
             summary["knn_top1"] = learn.knn_top1
+            if knn.linear_probe:
+                summary["linear_top1"] = getattr(learn, "linear_top1", None)
+            summary["eval_on"] = settings.eval_on  # which queries: the test split or the held-out validation images
         summary.update(baselines)
         summary["backbone"] = str(export_backbone(learn.model, out / "backbone_teacher.pth", arch=config.arch))
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if baselines and knn is not None:
-            knn_numbers = {k: v for k, v in summary.items() if k.startswith("knn_top1")}
+            knn_numbers = {k: v for k, v in summary.items() if k.startswith(("knn_top1", "linear_top1"))}
             with (out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps({"epoch": learn.epoch, "final": True, **knn_numbers}) + "\n")
-            _print_comparison(summary, knn)
+            _print_comparison(summary, knn, "teacher" if getattr(config, "teacher", True) else "student (no teacher)", settings.eval_on)
     accelerator.wait_for_everyone()
     run_folder.release(out)  # the run is written: another may use --out (the OS releases it at exit anyway)
     return summary
 
 
-def _print_comparison(summary: dict, knn) -> None:
+def _print_comparison(summary: dict, knn, network: str = "teacher", eval_on: str = "test") -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"k-NN top-1 on the test set (k = {knn.k}, T = {knn.temperature})")
+    where = "the test set" if eval_on == "test" else "the validation split"
+    table = Table(title=f"top-1 on {where} (k-NN: k = {knn.k}, T = {knn.temperature})")
     table.add_column("features")
     table.add_column("k-NN top-1 %", justify="right")
-    table.add_row("raw pixels", f"{summary['knn_top1_raw_pixels']:.2f}")
-    table.add_row("teacher at random initialisation", f"{summary['knn_top1_random_init']:.2f}")
-    table.add_row(f"trained teacher ({summary['steps_run']} steps)", f"{summary['knn_top1']:.2f}")
+    probe = knn.linear_probe and "linear_top1_raw_pixels" in summary
+    if probe:
+        table.add_column("linear probe top-1 %", justify="right")
+    rows = [("raw pixels", "_raw_pixels"), (f"{network} at random initialisation", "_random_init"),
+            (f"trained {network} ({summary['steps_run']} steps)", "")]
+    for name, suffix in rows:
+        scores = [summary[f"knn_top1{suffix}"]] + ([summary[f"linear_top1{suffix}"]] if probe else [])
+        table.add_row(name, *("-" if v is None else f"{v:.2f}" for v in scores))
     Console().print(table)
 

@@ -3,8 +3,9 @@
     python recipes/fashion_mnist_massl.py            # at most 9 minutes on 2 CPU cores
     python recipes/fashion_mnist_massl.py --epochs 1 --train-images 2048   # a smoke test
 
-Ends by printing the k-NN top-1 (k = 20, T = 0.07) on the 10k test images of the trained
-teacher beside the same network at random initialisation and the raw pixels. The data,
+Ends by printing the k-NN top-1 (k = 20, T = 0.07) and a linear probe's top-1 on the 10k test
+images (``--eval-on validation``: 10k held-out training images) of the trained teacher beside
+the same network at random initialisation and the raw pixels. The data,
 time budget and network are recipes/fashion_mnist.py's (CARP); the crop sizes, epochs, images
 and batch are those MaSSL was measured with.
 """
@@ -15,7 +16,7 @@ from carp_fast.run import pretrain
 
 # CARP's data, crops, time budget and monitoring; its prototype and optimiser settings do not apply.
 SHARED = ("data", "local_crops", "global_scale", "local_scale", "blur_sigma", "minutes", "knn_bank", "workers",
-          "knn_every", "knn_random_init", "log_every", "arch", "hidden_dim", "embed_dim")
+          "knn_every", "knn_random_init", "linear_probe", "eval_on", "log_every", "arch", "hidden_dim", "embed_dim")
 
 DEFAULTS = {
     **{k: CARP[k] for k in SHARED},

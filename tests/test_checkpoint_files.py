@@ -317,3 +317,14 @@ def test_a_kill_during_a_write_leaves_a_readable_checkpoint(tmp_path):
             assert state["epoch"] == record["epoch"] and torch.all(state["model"]["w"] == float(record["epoch"]))
         state = torch.load(checkpoint.load_newest_checkpoint(path)[0], weights_only=False)
         assert state["epoch"] >= 1 and not tmp.exists()
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_as_that_settings_old_value():
+    from carp_fast.checkpoint import check_same_run
+
+    old = {"arch": "resnet10_tiny", "seed": 0}  # written before eval_on, teacher and lambda_e existed
+    check_same_run(old, {**old, "eval_on": "test", "teacher": True, "entropy_weight": 1.0,
+                         "final_entropy_weight": None, "linear_probe": True}, "old.pth")
+    for changed in ({"eval_on": "validation"}, {"teacher": False}, {"entropy_weight": 2.0}):
+        with pytest.raises(ValueError, match=next(iter(changed))):
+            check_same_run(old, {**old, **changed}, "old.pth")  # a run that trains otherwise is refused

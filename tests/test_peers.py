@@ -30,17 +30,18 @@ def test_options_override_the_recipe_and_bad_ones_exit_2(capsys):
         peers.parse(["--knn-every", "1"])
 
 
-def test_the_data_and_the_knn_bank_are_the_recipes():
+@pytest.mark.parametrize("eval_on", ["test", "validation"])
+def test_the_data_and_the_knn_bank_are_the_recipes(eval_on):
     from carp_fast.run import open_sources, parse_settings
 
-    recipe_settings, recipe_config = parse_settings(DEFAULTS, [])
-    settings, config, _ = peers.parse([])
+    recipe_settings, recipe_config = parse_settings(DEFAULTS, ["--eval-on", eval_on])
+    settings, config, _ = peers.parse(["--eval-on", eval_on])
     ours, theirs = open_sources(settings, config), open_sources(recipe_settings, recipe_config)
     for name in ("train", "bank", "queries"):
         a, b = getattr(ours, name), getattr(theirs, name)
         assert len(a) == len(b)
         assert np.array_equal(a.labels, b.labels) and np.array_equal(a.images, b.images), name
-    assert len(ours.bank) == 20_000 and len(ours.queries) == 10_000
+    assert len(ours.bank) == 20_000 and len(ours.queries) == 10_000 and ours.eval_on == eval_on
     assert peers.steps_per_epoch(ours, config) == len(theirs.train) // recipe_config.global_batch
 
 
@@ -63,9 +64,9 @@ def test_training_stops_after_the_steps_with_schedules_sized_to_them(tiny_dls, t
 
 
 def test_the_table_row():
-    row = peers.table_row({"method": "swav", "knn_top1": 71.234, "steps": 256, "train_s": 300.4, "images_per_s": 218.2,
-                           "scored": "student backbone"})
-    assert row == "| swav | 71.23 | 256 | 300 | 218 | student backbone |"
+    row = peers.table_row({"method": "swav", "eval_on": "validation", "knn_top1": 71.234, "linear_top1": 70.5, "steps": 256,
+                           "train_s": 300.4, "images_per_s": 218.2, "scored": "student backbone"})
+    assert row == "| swav | validation | 71.23 | 70.50 | 256 | 300 | 218 | student backbone |"
     assert peers.HEADER.splitlines()[0].count("|") == row.count("|")
 
 
@@ -77,6 +78,6 @@ def test_swav_and_dino_train_and_are_scored(tmp_path):
                           "--results", str(tmp_path / "results.jsonl"), "--swav-freeze-steps", "1", "--dino-freeze-steps", "1"])
     assert [r["method"] for r in results] == ["swav", "dino"]
     for r in results:
-        assert r["steps"] == 3 and 0 <= r["knn_top1"] <= 100 and r["lightly"] == "1.6.0"
+        assert r["steps"] == 3 and 0 <= r["knn_top1"] <= 100 and 0 <= r["linear_top1"] <= 100 and r["lightly"] == "1.6.0"
         assert np.isfinite(r["final_loss"])
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2

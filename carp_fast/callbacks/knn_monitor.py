@@ -30,18 +30,24 @@ class KNNMonitor(Callback):
         every: epochs between evaluations.
         k, temperature: the vote (paper / DINO: 20 and 0.07).
         network: ``"teacher"`` (default, as the paper evaluates) or ``"student"``.
+        linear_probe: also train a linear probe on the bank's features, extracted once for
+            both, and score it on the queries' (``carp_fast.eval.linear.bank_probe``): its
+            top-1 goes to ``self.probe_top1``, ``learn.linear_top1`` and the history as
+            ``"linear_top1"``; its seconds count in :attr:`seconds`.
     """
 
     order, run_valid = CARPStats.order + 1, False
     wait = timedelta(days=1)  # how long the other ranks wait for an evaluation
 
-    def __init__(self, train_dl, valid_dl, every: int = 1, k: int = 20, temperature: float = 0.07, network: str = "teacher"):
+    def __init__(self, train_dl, valid_dl, every: int = 1, k: int = 20, temperature: float = 0.07, network: str = "teacher",
+                 linear_probe: bool = False):
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         if network not in ("teacher", "student"):
             raise ValueError(f"network must be 'teacher' or 'student', got {network!r}")
         self.train_dl, self.valid_dl, self.every = train_dl, valid_dl, every
         self.k, self.temperature, self.network = k, temperature, network
+        self.linear_probe, self.probe_top1 = linear_probe, None  # the last evaluation's probe (percent)
         self.history: list[dict] = []
         self.seconds = 0.0  # how long the last evaluation took
         self.seconds_total = 0.0  # and all of them (a TimeBudget's re-plan leaves them out of the pace)
@@ -62,7 +68,10 @@ class KNNMonitor(Callback):
         self.evaluated_epoch = self.learn.epoch  # on every rank, so a caller can decide alike
         if result is not None:
             self.learn.knn_top1 = result[0]
-            self.history.append(dict(epoch=self.learn.epoch, step=optimizer_steps(self.learn), knn_top1=result[0], knn_top5=result[1]))
+            row = dict(epoch=self.learn.epoch, step=optimizer_steps(self.learn), knn_top1=result[0], knn_top5=result[1])
+            if self.linear_probe:
+                self.learn.linear_top1 = row["linear_top1"] = self.probe_top1
+            self.history.append(row)
 
     def evaluate_on_main(self) -> tuple[float, float] | None:
         """:meth:`evaluate` on the main process (``None`` elsewhere); call it on every process.
@@ -96,6 +105,10 @@ class KNNMonitor(Callback):
             warnings.warn(f"KNNMonitor: the bank has {k} images, fewer than k={self.k}; voting with k={k}", stacklevel=2)
             self._warned_k = True
         result = knn_accuracy(bank.features, bank.labels, queries.features, queries.labels, k=k, temperature=self.temperature)
+        if self.linear_probe:  # the second protocol, on the same cached features
+            from carp_fast.eval.linear import bank_probe
+
+            self.probe_top1 = bank_probe(bank, queries, device=device).top1
         self.seconds = time.perf_counter() - start  # a TimeBudget reserves this much for the last one
         self.seconds_total += self.seconds
         return result.top1, result.top5

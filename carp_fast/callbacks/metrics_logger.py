@@ -105,7 +105,7 @@ class MetricsLogger(Callback):
             record.update(lr_first_step=self._lrs[0], lr_last_step=self._lrs[-1])
         knn = getattr(self.learn, "knn_monitor", None)
         if knn is not None and knn.history and knn.history[-1]["epoch"] == self.learn.epoch:
-            record.update(knn_top1=knn.history[-1]["knn_top1"], knn_top5=knn.history[-1]["knn_top5"])
+            record.update({k: v for k, v in knn.history[-1].items() if k in ("knn_top1", "knn_top5", "linear_top1")})
         with self.file.open("a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -117,7 +117,7 @@ class MetricsLogger(Callback):
                     if k not in ("epoch", "step", "micro_batch", "batches"):
                         self.writer.add_scalar(f"train/{k}", v, r["step"])
             self._logged = len(stats.history) if stats is not None else 0
-            for k in ("images_per_s", "knn_top1", "knn_top5"):
+            for k in ("images_per_s", "knn_top1", "knn_top5", "linear_top1"):
                 if record.get(k) is not None:
                     self.writer.add_scalar(f"epoch/{k}", record[k], record.get("step", optimizer_steps(self.learn)))
             self.writer.flush()

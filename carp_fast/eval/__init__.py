@@ -33,6 +33,8 @@ _LAZY = {
     "KMeansResult": "kmeans",
     "linear_probe": "linear",
     "LinearProbeResult": "linear",
+    "bank_probe": "linear",
+    "raw_pixel_features": "pixels",
     "sample_few_shot": "fewshot",
     "few_shot_evaluate": "fewshot",
     "FewShotResult": "fewshot",

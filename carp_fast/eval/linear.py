@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .features import check_labelled, check_same_dim
+from .features import Features, check_labelled, check_same_dim
 from .frozen import FrozenBackbone
 from .report import Report, sizes
 
@@ -131,6 +131,23 @@ def linear_probe(
         top1 = 100.0 * correct[:, 0].float().mean().item()
         top5 = 100.0 * correct.any(dim=1).float().mean().item()
     return LinearProbeResult(top1, top5, settings)
+
+
+# The probe a pretraining run trains beside its k-NN (carp_fast.run: KNNMonitor with
+# --linear-probe, and the raw-pixel baseline), the same for every network and for the pixels:
+# shorter than linear_probe's defaults, a few seconds for 20k bank features on a CPU.
+RUN_PROBE = dict(epochs=30, batch_size=1024, lr=0.1)
+
+
+def bank_probe(bank: Features, queries: Features, *, device: torch.device | str | None = None) -> LinearProbeResult:
+    """:func:`linear_probe` (settings :data:`RUN_PROBE`) trained on the k-NN bank's cached
+    features and scored on the queries': the second protocol beside the k-NN, on the same split.
+
+    Args:
+        bank, queries: :class:`~carp_fast.eval.features.Features` ``[N, D]`` with labels ``[N]``.
+        device: as :func:`linear_probe`.
+    """
+    return linear_probe(bank.features, bank.labels, queries.features, queries.labels, device=device, **RUN_PROBE)
 
 
 # --- carp-fast eval linear --protocol fast (options: .linear_grid.add_arguments) --------

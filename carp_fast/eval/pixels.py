@@ -6,7 +6,16 @@ from typing import Iterable
 
 import torch
 
+from .features import Features, extract_features
 from .knn import TEMPERATURE, KNNResult, loader_knn
+
+
+def raw_pixel_features(loader: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Features:
+    """Each image's pixels as its feature: ``[N, 3, S, S]`` as the loader gives them to the
+    network (resized, cropped, normalised), flattened to ``[N, 3*S*S]``, on the CPU. Extract
+    them once to score both protocols (:func:`~carp_fast.eval.knn.knn_accuracy` and
+    :func:`~carp_fast.eval.linear.bank_probe`) on the same features."""
+    return extract_features(torch.nn.Flatten(), loader, device="cpu", progress=False)
 
 
 def raw_pixel_knn(

@@ -185,10 +185,15 @@ def check_memory(model, config: MaSSLConfig, num_processes: int) -> None:
     getattr(model, "module", model).memory.check_batch(config.batch_size * num_processes)
 
 
+def opt_func(config: MaSSLConfig):
+    """AdamW (betas 0.9 / 0.999, eps 1e-8), the official optimiser; lr and weight decay come from the schedules."""
+    return partial(OptimWrapper, opt=partial(torch.optim.AdamW, betas=(0.9, 0.999), eps=1e-8))
+
+
 MASSL = Method(
     name="massl", config=MaSSLConfig, build_model=build_model,
     loss=lambda config: MaSSLLoss(config.student_temperature, config.warmup_teacher_temperature),
-    optimizer=lambda config: partial(OptimWrapper, opt=partial(torch.optim.AdamW, betas=(0.9, 0.999), eps=1e-8)),
+    optimizer=opt_func,
     callbacks=callbacks, splitter=decay_groups, check=check_memory,
 )
 

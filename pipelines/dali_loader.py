@@ -24,6 +24,8 @@ to the crops (`dali_augment.py`) -> return.
 
 from __future__ import annotations
 
+import gc
+import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
@@ -39,6 +41,14 @@ from carp_fast.pipelines.augment import CropSpec, MultiCropConfig
 from carp_fast.pipelines.dali_augment import decode, eval_view, multicrop_views
 from carp_fast.pipelines.epoch_loader import EpochLoader
 from carp_fast.pipelines.sharding import augment_seed, batches
+
+
+# A process forked after a DALI pipeline existed (a torch DataLoader's workers, for instance)
+# inherits the pipeline but not its executor threads: if the pipeline was garbage (an abandoned
+# epoch in a reference cycle), a garbage collection in the child runs its destructor, which
+# waits forever for those threads. Children leave inherited objects to the parent that owns
+# them: gc.freeze() exempts every object alive at the fork from the child's collections.
+os.register_at_fork(after_in_child=gc.freeze)
 
 
 class DaliDeviceError(RuntimeError):

@@ -34,14 +34,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _channel_dims(x: Tensor) -> list[int]:
-    return [0] + list(range(2, x.dim()))  # every dimension but the channels
-
-
-def _per_channel(v: Tensor, x: Tensor) -> Tensor:
-    return v.view([1, -1] + [1] * (x.dim() - 2))  # [C] -> [1, C, 1, ...] to broadcast over x
-
-
 def local_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Per-channel mean and ``1 / sqrt(biased var + eps)`` of ``x [N, C, ...]``: two ``[C]`` float32."""
     if x.is_cuda:
@@ -114,8 +106,8 @@ def backward_input(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: 
     local_dy, local_dy_xmu = grad_b.float() / n_local, grad_w.float() / invstd / n_local
     slope = invstd.pow(3) * w * (local_dy_xmu - sum_dy_xmu / n)
     offset = invstd * w * (local_dy - sum_dy / n)
-    eps = 1e-5
-    return dx_local + F.batch_norm(x, mean, ones - eps, slope, offset, training=False, momentum=0.0, eps=eps)
+    tiny = 1e-5  # variance 1 - tiny plus eps tiny: a scale of exactly 1
+    return dx_local + F.batch_norm(x, mean, ones - tiny, slope, offset, training=False, momentum=0.0, eps=tiny)
 
 
 def _all_gather_rows(row: Tensor, group) -> Tensor:

@@ -14,12 +14,13 @@
     (``2:1``: a cosine from 2 to 1; ``1``: constant).
 
 Each run is :func:`benchmarks.ablations.run_ablation` (resnet10_tiny, Fashion-MNIST, AdamW,
-k-NN top-1 with k = 20, T = 0.07 on a fixed bank of training images and test queries). Writes,
+k-NN top-1 with k = 20, T = 0.07 on a fixed bank of training images). Writes,
 under ``--out``: ``results.jsonl`` (one line per run), ``table.md`` (mean and standard deviation
 over the seeds, collapsed runs, the paper's number beside each row) and ``ablations.png``.
 
-The k-NN queries are test images: until the validation split of issue 24 exists, a setting
-chosen from this table is chosen on the test set; say so beside any number taken from it.
+The k-NN queries are validation images by default (``--eval-on validation``: training images
+held out of every run's training and bank, ``pipelines/validation.py``): choose settings (CARL's
+lambda_e) there, then measure the chosen ones once on the test images (``--eval-on test``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
-from benchmarks.ablations import AblationSetting, run_ablation  # noqa: E402
+from benchmarks.ablations import EVAL_SPLITS, AblationSetting, run_ablation  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "runs" / "ablations" / "suite"
 
@@ -59,10 +60,10 @@ def parse_weight(text: str) -> tuple[float, float | None]:
     return float(start), (float(end) if end else None)
 
 
-def settings(suites: list[str], size: dict, carl_weights: list[str]) -> list[tuple[str, AblationSetting]]:
+def settings(suites: list[str], size: dict, carl_weights: list[str], eval_on: str = "validation") -> list[tuple[str, AblationSetting]]:
     """``(suite, setting)`` for every run of ``suites``, seed 0 (the caller sets the seed)."""
     base = AblationSetting(n_prototypes=size["k"], batch=size["batch"], steps=size["steps"], bank=size["bank"],
-                           queries=size["queries"])
+                           queries=size["queries"], eval_on=eval_on)
     runs = []
     if "a" in suites:
         runs += [("a", replace(base, block_size=b, teacher=t)) for t in (True, False) for b in size["blocks"]]
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--carl-weights", nargs="+", default=["1", "2:1", "4:1"], help="lambda_e schedules of (c): START[:END]")
     p.add_argument("--quick", action="store_true", help="tiny sizes (K = 64, 2-4 steps, small bank) and one seed: a check that it runs")
+    p.add_argument("--eval-on", default="validation", choices=EVAL_SPLITS,
+                   help="k-NN queries: the validation split (choices) or the test split (once per final setting)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     a = p.parse_args(argv)
     size = SIZES["quick" if a.quick else "full"]
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
     rows = []
-    for suite, setting in settings(a.suites, size, a.carl_weights):
+    for suite, setting in settings(a.suites, size, a.carl_weights, a.eval_on):
         for seed in seeds:
             s = replace(setting, seed=seed)
             result = run_ablation(s, out=results)

@@ -10,7 +10,9 @@ crops, AdamW) and measures, at the end: the loss terms, the perplexity of the te
 assignments of the last training batch, the prototypes the teacher assigns a fixed bank of
 training images to (how many are used, their perplexity), whether carp_fast's
 ``CollapseWarning`` fired, and the k-NN top-1 (k = 20, T = 0.07) of the teacher's backbone on
-test queries against that bank. Each run appends one JSON line to
+queries against that bank: held-out training images by default (``eval_on="validation"``, the
+split of ``pipelines/validation.py``, kept out of training and the bank), the test images with
+``eval_on="test"``, once per chosen setting. Each run appends one JSON line to
 ``runs/ablations/results.jsonl`` (``--out``).
 
 Notebook 02 (``notebooks/02_random_partitions.ipynb``) calls :func:`run_ablation` and
@@ -37,6 +39,7 @@ from carp_fast.carp import CARPConfig, build_model, carp_learner  # noqa: E402
 from carp_fast.pipelines import (  # noqa: E402
     MultiCropConfig, crop_dataloaders, eval_loader, load_fashion_mnist, pretrain_loader,
 )
+from carp_fast.pipelines.validation import split_validation  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "runs" / "ablations" / "results.jsonl"
 CROPS = MultiCropConfig(global_crops=2, global_size=28, local_crops=2, local_size=14,
@@ -61,7 +64,8 @@ class AblationSetting:
     weight_decay: float = 0.05
     precision: str = "auto"  # bf16 on CPUs with bf16 units
     bank: int = 5_000  # k-NN bank (training images, labelled)
-    queries: int = 2_000  # k-NN queries (test images)
+    queries: int = 2_000  # k-NN queries
+    eval_on: str = "validation"  # queries from the validation split (tuning) or the test split (once per final setting)
     log_every: int = 10
 
     def label(self) -> str:
@@ -98,22 +102,33 @@ _CACHE: dict = {}
 COLLAPSED_BANK_PERPLEXITY = 10.0  # 5,000 images of 10 classes on fewer than ~10 prototypes
 
 
+EVAL_SPLITS = ("validation", "test")
+
+
 def fashion_mnist(split: str):
-    """Fashion-MNIST ``split`` as an ArraySource (loaded once per process)."""
+    """Fashion-MNIST as an ArraySource (loaded once per process): ``"train"`` (the 50k training
+    images outside the validation split), ``"validation"`` (the 10k held out) or ``"test"``."""
     if split not in _CACHE:
-        _CACHE[split] = load_fashion_mnist(split)
+        if split == "test":
+            _CACHE[split] = load_fashion_mnist("test")
+        else:
+            _CACHE["train"], _CACHE["validation"] = split_validation(load_fashion_mnist("train"))
     return _CACHE[split]
 
 
-def knn_loaders(bank: int, queries: int):
-    """(bank loader, query loader): fixed subsets of the training and test images."""
+def knn_loaders(bank: int, queries: int, eval_on: str = "validation"):
+    """(bank loader, query loader): fixed subsets of the training images (outside the validation
+    split) and of the ``eval_on`` split's images."""
+    if eval_on not in EVAL_SPLITS:
+        raise ValueError(f"eval_on must be one of {EVAL_SPLITS}, got {eval_on!r}")
     bank_dl = eval_loader(fashion_mnist("train").subset(bank, seed=1), size=28, resize=None, batch_size=500)
-    query_dl = eval_loader(fashion_mnist("test").subset(queries, seed=2), size=28, resize=None, batch_size=500)
+    query_dl = eval_loader(fashion_mnist(eval_on).subset(queries, seed=2), size=28, resize=None, batch_size=500)
     return bank_dl, query_dl
 
 
 def train_loader(s: AblationSetting):
-    """fastai DataLoaders over the run's training subset (steps x batch images, seeded)."""
+    """fastai DataLoaders over the run's training subset (steps x batch images, seeded; never the
+    validation images)."""
     images = fashion_mnist("train").subset(s.steps * s.batch, seed=100 + s.seed)
     return crop_dataloaders(pretrain_loader(images, CROPS, batch_size=s.batch, seed=s.seed))
 
@@ -124,11 +139,11 @@ def usage(counts: torch.Tensor) -> tuple[int, float]:
     return int((counts > 0).sum()), math.exp(-torch.special.xlogy(p, p).sum().item())
 
 
-def knn_at_init(seed: int = 0, bank: int = 5_000, queries: int = 2_000) -> float:
+def knn_at_init(seed: int = 0, bank: int = 5_000, queries: int = 2_000, eval_on: str = "validation") -> float:
     """k-NN top-1 (%) of the teacher's backbone at the random initialisation of ``seed``."""
     torch.manual_seed(seed)
     backbone = build_model(config_for(AblationSetting(n_prototypes=64, block_size=64, seed=seed))).teacher.backbone
-    bank_dl, query_dl = knn_loaders(bank, queries)
+    bank_dl, query_dl = knn_loaders(bank, queries, eval_on)
     b = extract_features(backbone, bank_dl, progress=False)
     q = extract_features(backbone, query_dl, progress=False)
     return knn_accuracy(b.features, b.labels, q.features, q.labels, k=20, temperature=0.07).top1
@@ -171,7 +186,7 @@ def run_ablation(setting: AblationSetting | None = None, *, out: str | Path | No
         learn.fit(1)
     collapse_warning = any(issubclass(w.category, CollapseWarning) for w in caught)
     teacher = learn.model.teacher.eval()  # the student itself when there is no teacher (eta = 0)
-    bank_dl, query_dl = knn_loaders(s.bank, s.queries)
+    bank_dl, query_dl = knn_loaders(s.bank, s.queries, s.eval_on)
     bank = extract_features(teacher.backbone, bank_dl, progress=False)
     queries = extract_features(teacher.backbone, query_dl, progress=False)
     with torch.no_grad():
@@ -220,17 +235,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", default=d.precision)
     p.add_argument("--bank", type=int, default=d.bank)
     p.add_argument("--queries", type=int, default=d.queries)
+    p.add_argument("--eval-on", default=d.eval_on, choices=EVAL_SPLITS,
+                   help="k-NN queries from the validation split (tuning) or the test split (once per final setting)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--init-knn", action="store_true", help="also print the k-NN top-1 at random init")
     a = p.parse_args(argv)
     if a.init_knn:
-        print(f"k-NN top-1 at random init: {knn_at_init(a.seed[0], a.bank, a.queries):.1f} %")
+        print(f"k-NN top-1 at random init: {knn_at_init(a.seed[0], a.bank, a.queries, a.eval_on):.1f} %")
     for seed in a.seed:
         for block_size in a.block_size:
             run_ablation(n_prototypes=a.k, block_size=min(block_size, a.k), partition=a.partition, teacher=a.teacher,
                          entropy_weight=a.entropy_weight, final_entropy_weight=a.final_entropy_weight, batch=a.batch,
                          steps=a.steps, seed=seed, base_lr=a.base_lr, teacher_momentum=a.teacher_momentum,
-                         precision=a.precision, bank=a.bank, queries=a.queries, out=a.out)
+                         precision=a.precision, bank=a.bank, queries=a.queries, eval_on=a.eval_on, out=a.out)
 
 
 if __name__ == "__main__":

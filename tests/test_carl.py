@@ -241,3 +241,24 @@ def test_the_ablation_suite_runs_in_its_quick_mode(tmp_path):
     assert all(0 <= t["knn_mean"] <= 100 for t in table)
     assert (tmp_path / "ablations.png").stat().st_size > 0 and "| suite |" in (tmp_path / "table.md").read_text()
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2 * 2 + 2 * 2 + 3
+
+
+def test_the_ablations_train_and_bank_outside_the_validation_split_and_score_on_it():
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import ablations
+    from carp_fast.pipelines import load_fashion_mnist
+    from carp_fast.pipelines.validation import validation_indices
+
+    images = load_fashion_mnist("train").images
+    held = validation_indices(len(images))  # the split, computed apart from the module
+    rest = np.setdiff1d(np.arange(len(images)), held)
+    np.testing.assert_array_equal(ablations.fashion_mnist("validation").images, images[held])
+    np.testing.assert_array_equal(ablations.fashion_mnist("train").images, images[rest])  # training and the bank draw here
+    assert ablations.AblationSetting().eval_on == "validation"
+    with pytest.raises(ValueError, match="eval_on"):
+        ablations.knn_loaders(10, 10, "train")

@@ -16,8 +16,8 @@ assignments); CARL decays it during training, here by a cosine from ``entropy_we
 
 CARL is :data:`carp_fast.carp.CARP` with ``teacher=False``, ``block_size = K`` and lambda_e:
 the network, loss, optimiser and schedules are CARP's; only the defaults differ. Its K,
-lambda_e schedule and temperature are not known from its paper's code; the defaults below are
-not yet chosen on a validation split (FIDELITY.md, "CARL").
+lambda_e schedule and temperature are not known from its paper's code; the lambda_e cosine
+below was chosen on the validation split against a constant 1 (FIDELITY.md, "CARL").
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class CARLConfig(CARPConfig):
 
     block_size: int | None = setting(None, "B; None: K, one block of all prototypes (CARL); smaller is teacher-off CARP")
     teacher: bool = setting(False, "CARL has no teacher (one block with an EMA teacher is CARP with --block-size K)")
-    entropy_weight: float = setting(2.0, "lambda_e at the start of its cosine (not yet chosen on a validation split)")
+    entropy_weight: float = setting(2.0, "lambda_e at the start of its cosine (chosen on the validation split against a constant 1)")
     final_entropy_weight: float | None = setting(1.0, "lambda_e at the end of its cosine; None: constant --entropy-weight")
 
     def __post_init__(self):

@@ -49,7 +49,7 @@ RESUMABLE_CHANGES = frozenset({"epochs", "minutes", "out", "resume", "workers", 
                                "checkpoint_minutes", "stop_signals", "overwrite", "device", "linear_probe"})
 # Settings added after checkpoints existed, with the value every run before them had: a
 # checkpoint without one was written with that value.
-ADDED_SETTINGS = {"eval_on": "test", "teacher": True, "entropy_weight": 1.0, "final_entropy_weight": None}
+ADDED_SETTINGS = {"eval_on": "test", "teacher": True, "entropy_weight": 1.0, "final_entropy_weight": None, "koleo_weight": 0.0}
 REQUIRED_KEYS = frozenset({"model", "opt", "epoch", "train_iter", "rng", "settings"})
 # The checksum lives inside the file, in its zip comment, rather than in a sidecar: file and
 # checksum are renamed, rotated and copied as one, so a kill between two renames cannot pair a

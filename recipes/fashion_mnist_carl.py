@@ -20,8 +20,8 @@ DEFAULTS = {
     **{k: v for k, v in CARP.items() if k not in ("block_size", "teacher_momentum")},
     "out": "runs/fashion_mnist_carl",
     "n_prototypes": 1024,  # K, one block of all of them (CARLConfig's block_size None)
-    # lambda_e: a cosine from 2 to 1 over the budget (CARLConfig's defaults; not yet chosen on a
-    # validation split, FIDELITY.md)
+    # lambda_e: a cosine from 2 to 1 over the budget (CARLConfig's defaults; chosen on the
+    # validation split against a constant 1: BENCHMARKS.md, FIDELITY.md)
 }
 
 

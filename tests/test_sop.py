@@ -577,3 +577,50 @@ def test_a_patch_memory_that_the_batch_does_not_divide_is_a_clear_error_before_t
                               patch_memory_size=36, patch_anchors=8)
     with pytest.raises(ValueError, match="K=36 must be a multiple of the images written per step"):
         sop_learner(tiny_dls, config, progress=False, model=model)
+
+
+def _koleo_by_hand(embeddings, eps=1e-8):
+    """KoLeo from its definition, in float64 loops: per view, -mean_i log(min_{j != i} ||x_i - x_j|| + eps)."""
+    views = []
+    for view in embeddings.double().tolist():
+        unit = [[c / math.sqrt(sum(v * v for v in x)) for c in x] for x in view]
+        logs = []
+        for i, x in enumerate(unit):
+            nearest = min(math.sqrt(sum((a - b) ** 2 for a, b in zip(x, y))) for j, y in enumerate(unit) if j != i)
+            logs.append(-math.log(nearest + eps))
+        views.append(sum(logs) / len(logs))
+    return sum(views) / len(views)
+
+
+@pytest.mark.parametrize("views, n, d", [(1, 2, 3), (2, 5, 4), (2, 7, 16)])
+def test_koleo_is_minus_the_mean_log_distance_to_the_nearest_other_embedding(views, n, d):
+    from carp_fast.sop.loss import koleo_loss
+
+    x = torch.randn(views, n, d, generator=torch.Generator().manual_seed(n))
+    assert koleo_loss(x).item() == pytest.approx(_koleo_by_hand(x), rel=1e-5)
+    assert koleo_loss(x.to(torch.bfloat16)).dtype == torch.float32
+
+
+def test_koleo_falls_as_the_embeddings_spread_and_refuses_one_per_view():
+    from carp_fast.sop.loss import koleo_loss
+
+    spread = torch.eye(4)[None]  # 4 orthogonal unit vectors
+    close = F.normalize(torch.ones(1, 4, 4) + 0.01 * torch.eye(4)[None], dim=-1)
+    assert koleo_loss(spread) < koleo_loss(close)
+    with pytest.raises(ValueError, match="N >= 2"):
+        koleo_loss(torch.randn(2, 1, 4))
+
+
+def test_the_koleo_weight_adds_its_term_to_the_loss_and_its_gradient_to_the_student():
+    from carp_fast.sop.loss import koleo_loss
+
+    model = tiny_model().train()
+    out = model(*crops())
+    assert out.embeddings.shape == (2, 8, out.embeddings.shape[-1]) and out.embeddings.requires_grad
+    plain, weighted = SOPLoss(), SOPLoss(koleo_weight=0.5)
+    expected = plain(out) + 0.5 * _koleo_by_hand(out.embeddings.detach())
+    assert weighted(out).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert weighted.parts[3].item() == pytest.approx(_koleo_by_hand(out.embeddings.detach()), rel=1e-5)
+    assert plain.parts[3].item() == 0.0  # weight 0: not computed, as the official default
+    with pytest.raises(ValueError, match="koleo_weight"):
+        SOPLoss(koleo_weight=-1.0)

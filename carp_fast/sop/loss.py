@@ -13,7 +13,9 @@ With cosines ``c`` ``[V, N, T, S]`` of the views to a task's supports and its vo
     loss = mean over pairs (i, j), i != j, over N and T of  -sum_c q_jc log max(p_ic, eps)
 
 in float32 whatever the autocast; eps is float32's machine epsilon, so the log is finite
-where a probability underflows. No entropy term and no centering.
+where a probability underflows. No entropy term and no centering. Optionally (the official
+``--koleo_loss_weight``, 0 by default) the KoLeo term of the student's global-crop embeddings,
+:func:`koleo_loss`, weighted by ``koleo_weight``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class _SOPFields(NamedTuple):
     teacher: Tensor  # [V_t, N, T, S] the same for the teacher's global views (no gradient)
     partition: Tensor  # [T, S] the supports' memory slots
     votes: Tensor  # [T, S, P'] the voting matrices
+    embeddings: Tensor  # [V_t, N, D] the student's unit embeddings of the global crops (for KoLeo)
 
 
 class _SOPMIMFields(NamedTuple):
@@ -40,6 +43,7 @@ class _SOPMIMFields(NamedTuple):
     teacher: Tensor
     partition: Tensor
     votes: Tensor
+    embeddings: Tensor
     patch_student: Tensor  # [V_t, N, L, T_p, S_p] cosines of the student's patch tokens to the patch supports
     patch_teacher: Tensor  # [V_t, N, L, T_p, S_p] the teacher's (no gradient)
     patch_votes: Tensor  # [T_p, S_p, P'_p]
@@ -53,7 +57,8 @@ def _one_iterable(values: tuple) -> tuple:
 
 
 class SOPOutputs(_SOPFields):
-    """What SOP's network returns for a step: ``student``, ``teacher``, ``partition``, ``votes``.
+    """What SOP's network returns for a step: ``student``, ``teacher``, ``partition``, ``votes``,
+    ``embeddings``.
 
     ``partition`` holds the supports' memory slots, so the statistics of
     :class:`~carp_fast.massl.stats.MaSSLStats` (agreement, slots hit) read it as they read a
@@ -149,18 +154,49 @@ def mim_loss(student: Tensor, teacher: Tensor, votes: Tensor, mask: Tensor, *, s
         return per_image.mean()
 
 
+def koleo_loss(embeddings: Tensor, eps: float = 1e-8) -> Tensor:
+    """The KoLeo term (Sablayrolles et al., ICLR 2019; DINOv2's ``KoLeoLoss``) per view, averaged:
+    minus the mean log distance of each embedding to its nearest other one in the same view.
+
+    It falls as the embeddings spread over the sphere: the official SOP code adds it with weight
+    ``--koleo_loss_weight`` (0 by default), over each global crop's student [CLS] embeddings.
+
+    Args:
+        embeddings: ``[V, N, D]``, N >= 2 per view (normalised here, in float32).
+        eps: added to the distances under the log (DINOv2's 1e-8).
+
+    Returns:
+        the scalar ``mean_v -mean_i log(min_{j != i} ||x_vi - x_vj|| + eps)``.
+    """
+    if embeddings.dim() != 3 or embeddings.shape[1] < 2:
+        raise ValueError(f"KoLeo needs embeddings [V, N, D] with N >= 2, got {tuple(embeddings.shape)}")
+    with torch.autocast(embeddings.device.type, enabled=False):
+        x = torch.nn.functional.normalize(embeddings.float(), dim=-1)
+        dots = x @ x.transpose(1, 2)  # [V, N, N]
+        dots.diagonal(dim1=1, dim2=2).fill_(-2.0)  # never one's own neighbour
+        nearest = x.gather(1, dots.argmax(-1, keepdim=True).expand_as(x))  # [V, N, D]
+        distances = (x - nearest).norm(dim=-1)  # [V, N]
+        return -torch.log(distances + eps).mean()
+
+
 class SOPLoss:
     """fastai ``loss_func``: ``SOPLoss()(pred, *yb)`` is :func:`sop_loss` of a :class:`SOPOutputs`,
     plus :func:`carp_fast.sop.mim.mim_loss` when it holds patch cosines (L_CLS + L_MIM).
 
-    Labels are ignored. ``teacher_temperature`` may be set by a schedule
+    With ``koleo_weight > 0``, plus that weight times :func:`koleo_loss` of the student's
+    global-crop embeddings. Labels are ignored. ``teacher_temperature`` may be set by a schedule
     (:class:`carp_fast.massl.temperature.TeacherTemperatureWarmup`); the detached loss of the
-    last call stays in ``self.last`` and ``[total, L_CLS, L_MIM]`` in ``self.parts`` for
-    logging, without a host synchronisation (L_MIM is 0 without patch cosines).
+    last call stays in ``self.last`` and ``[total, L_CLS, L_MIM, KoLeo]`` in ``self.parts`` for
+    logging, without a host synchronisation (L_MIM is 0 without patch cosines, KoLeo 0 at
+    weight 0: not computed).
     """
 
-    def __init__(self, student_temperature: float = STUDENT_TEMPERATURE, teacher_temperature: float = TEACHER_TEMPERATURE):
+    def __init__(self, student_temperature: float = STUDENT_TEMPERATURE, teacher_temperature: float = TEACHER_TEMPERATURE,
+                 koleo_weight: float = 0.0):
+        if koleo_weight < 0:
+            raise ValueError(f"koleo_weight must be >= 0, got {koleo_weight}")
         self.student_temperature, self.teacher_temperature = student_temperature, teacher_temperature
+        self.koleo_weight = koleo_weight
         self.last: Tensor | None = None
         self.parts: Tensor | None = None
 
@@ -171,7 +207,8 @@ class SOPLoss:
         if isinstance(pred, SOPMIMOutputs):
             mim = mim_loss(pred.patch_student, pred.patch_teacher, pred.patch_votes, pred.mask,
                            student_temperature=self.student_temperature, teacher_temperature=self.teacher_temperature)
-        loss = cls + mim
+        koleo = koleo_loss(pred.embeddings) if self.koleo_weight > 0 else torch.zeros_like(cls)
+        loss = cls + mim + self.koleo_weight * koleo
         self.last = loss.detach()
-        self.parts = torch.stack([loss, cls, mim]).detach()
+        self.parts = torch.stack([loss, cls, mim, koleo]).detach()
         return loss

@@ -64,6 +64,7 @@ class SOPConfig(MaSSLConfig):
     patch_memory_size: int = setting(8192, "patch memory slots (one teacher patch token per image written per step)")
     patch_anchors: int = setting(512, "anchors of the one patch task, each its own SOP (k = 1)")
     mask_ratio: float = setting(0.3, "fraction of each student global crop's patches block-masked")
+    koleo_weight: float = setting(0.0, "weight of the KoLeo term on the student's global-crop embeddings (official: 0)")
 
     def checks(self) -> list[tuple[bool, str]]:
         return super().checks() + [
@@ -77,6 +78,7 @@ class SOPConfig(MaSSLConfig):
             (self.anchor_selection != "spread" or self.neighbours >= 3, "anchor_selection 'spread' needs neighbours >= 3 (a spread of >= 2 scores)"),
             (2 <= self.patch_anchors < self.patch_memory_size, "patch_anchors must be in [2, patch_memory_size)"),
             (0 < self.mask_ratio < 1, "mask_ratio must be in (0, 1)"),
+            (self.koleo_weight >= 0, "koleo_weight must be >= 0"),
         ]
 
 
@@ -196,7 +198,8 @@ class SOPStudentTeacher(StudentTeacher):
         return (SOPMIMOutputs if self.mim else SOPOutputs)(
             s.view(len(crops), n_images, *supports.shape),  # [V_s, N, T, S]
             t.view(n_global, n_images, *supports.shape),  # [V_t, N, T, S]
-            supports, votes, *patch_parts,
+            supports, votes, z[: n_global * n_images].view(n_global, n_images, -1),  # [V_t, N, D]
+            *patch_parts,
         )
 
 
@@ -226,7 +229,7 @@ class SOPStats(MaSSLStats):
 
     name = "sop_stats"
     METHOD = "SOP"
-    TERMS = ("loss", "cls_loss", "mim_loss")
+    TERMS = ("loss", "cls_loss", "mim_loss", "koleo")
 
     def batch_terms(self) -> Tensor | None:
         parts = self.learn.loss_func.parts
@@ -247,7 +250,7 @@ def callbacks(config: SOPConfig) -> list:
 
 SOP = Method(
     name="sop", config=SOPConfig, build_model=build_model,
-    loss=lambda config: SOPLoss(config.student_temperature, config.warmup_teacher_temperature),
+    loss=lambda config: SOPLoss(config.student_temperature, config.warmup_teacher_temperature, config.koleo_weight),
     optimizer=opt_func,
     callbacks=callbacks, splitter=decay_groups, check=check_memories,
 )

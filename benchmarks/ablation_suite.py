@@ -15,8 +15,9 @@
 
 Each run is :func:`benchmarks.ablations.run_ablation` (resnet10_tiny, Fashion-MNIST, AdamW,
 k-NN top-1 with k = 20, T = 0.07 on a fixed bank of training images). Writes,
-under ``--out``: ``results.jsonl`` (one line per run), ``table.md`` (mean and standard deviation
-over the seeds, collapsed runs, the paper's number beside each row) and ``ablations.png``.
+under ``--out``: ``results.jsonl`` (one line per run; a run already there with the same setting and
+seed is read back, not trained again, so an interrupted suite goes on where it stopped),
+``table.md`` (mean and standard deviation over the seeds, collapsed runs, the paper's number beside each row) and ``ablations.png``.
 
 The k-NN queries are validation images by default (``--eval-on validation``: training images
 held out of every run's training and bank, ``pipelines/validation.py``): choose settings (CARL's
@@ -29,7 +30,7 @@ import argparse
 import json
 import statistics
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
@@ -75,6 +76,23 @@ def settings(suites: list[str], size: dict, carl_weights: list[str], eval_on: st
             start, end = parse_weight(text)
             runs.append(("c", replace(base, block_size=size["k"], teacher=False, entropy_weight=start, final_entropy_weight=end)))
     return runs
+
+
+def setting_key(setting: dict) -> str:
+    """A setting as text that two equal settings share."""
+    return json.dumps(setting, sort_keys=True)
+
+
+def finished_runs(results: Path) -> dict[str, tuple[float, bool]]:
+    """``{setting_key: (k-NN top-1, collapsed)}`` of the runs already in ``results`` (none if it is absent);
+    a later line of the same setting wins."""
+    if not results.exists():
+        return {}
+    done = {}
+    for line in results.read_text().splitlines():
+        r = json.loads(line)
+        done[setting_key(r["setting"])] = (r["knn_top1"], r["collapsed"])
+    return done
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -168,12 +186,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
+    done = finished_runs(results)
     rows = []
     for suite, setting in settings(a.suites, size, a.carl_weights, a.eval_on):
         for seed in seeds:
             s = replace(setting, seed=seed)
-            result = run_ablation(s, out=results)
-            rows.append(dict(suite=suite, label=s.label(), setting=vars(s), knn_top1=result.knn_top1, collapsed=result.collapsed))
+            if (key := setting_key(asdict(s))) in done:  # an interrupted suite goes on where it stopped
+                knn_top1, collapsed = done[key]
+                print(f"{s.name()}: k-NN top-1 {knn_top1:.1f} % (from {results})", flush=True)
+            else:
+                result = run_ablation(s, out=results)
+                knn_top1, collapsed = result.knn_top1, result.collapsed
+            rows.append(dict(suite=suite, label=s.label(), setting=vars(s), knn_top1=knn_top1, collapsed=collapsed))
     table = summarise(rows)
     command = "python benchmarks/ablation_suite.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(write_table(table, out / "table.md", command.strip()))

@@ -241,6 +241,10 @@ def test_the_ablation_suite_runs_in_its_quick_mode(tmp_path):
     assert all(0 <= t["knn_mean"] <= 100 for t in table)
     assert (tmp_path / "ablations.png").stat().st_size > 0 and "| suite |" in (tmp_path / "table.md").read_text()
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2 * 2 + 2 * 2 + 3
+    # a second call (an interrupted suite started again) reads the finished runs back and trains none
+    again = main(["--quick", "--out", str(tmp_path)])
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2 * 2 + 2 * 2 + 3
+    assert [(t["label"], t["knn_mean"]) for t in again] == [(t["label"], t["knn_mean"]) for t in table]
 
 
 def test_the_ablations_train_and_bank_outside_the_validation_split_and_score_on_it():

@@ -128,10 +128,10 @@ def test_head_output_is_unit_length():
     torch.testing.assert_close(z.norm(dim=1), torch.ones(z.shape[0]))
 
 
-@pytest.mark.parametrize("arch,width", [("vit_small", 384), ("resnet10_tiny", 256)])
+@pytest.mark.parametrize("arch,width", [("vit_small", 384), ("vit_mini_p2", 128), ("resnet10_tiny", 256)])
 def test_backbones_take_global_and_local_crops_through_the_same_weights(arch, width):
     net = build_backbone(arch).eval()
-    sizes = (224, 96) if arch.startswith("vit") else (28, 14)
+    sizes = {"vit_small": (224, 96), "vit_mini_p2": (16, 10, 18, 28)}.get(arch, (28, 14))
     with torch.no_grad():
         for size in sizes:
             assert net(torch.randn(1, 3, size, size)).shape == (1, width)
@@ -151,6 +151,13 @@ def test_vit_backbone_keys_are_the_official_vits():
     assert block == {f"{m}.{p}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2") for p in ("weight", "bias")}
     assert len(keys) == 4 + 12 * 12 + 2
     assert build_backbone("vit_small").pos_embed.shape == (1, 197, 384)
+
+
+def test_the_small_image_vit_is_timms_vit_with_2_px_patches_width_128_and_6_blocks():
+    net = build_backbone("vit_mini_p2")
+    assert net.patch_embed.proj.kernel_size == (2, 2) and net.patch_embed.proj.stride == (2, 2)
+    assert net.pos_embed.shape == (1, 1 + 8 * 8, 128) and len(net.blocks) == 6 and net.blocks[0].attn.num_heads == 4
+    assert build_backbone("vit_mini_p2", drop_path=0.1).blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
 
 
 def test_a_plain_fastai_learner_trains_a_toy_model_with_the_memory_and_the_loss():

@@ -46,7 +46,7 @@ class MaSSLConfig(MethodConfig):
     """Settings of a MaSSL run. Defaults: ViT-S/16 as published (batch 128, 2 GPUs x 64)."""
 
     slots_field = "memory_size"
-    arch: str = setting("vit_small", "backbone: vit_small | vit_base (timm ViT/16) or a ResNet of carp_fast.backbones")
+    arch: str = setting("vit_small", "backbone: vit_small | vit_base (timm ViT/16), vit_mini_p2 (10-28 px images) or a ResNet of carp_fast.backbones")
     memory_size: int = setting(65536, "K, memory slots (131,072 in the published runs); a multiple of batch_size x processes")
     block_size: int = setting(1024, "B memory slots per partition block (16,384 of 131,072 in the published runs)")
     global_crops: int = setting(2, "leading crops that the teacher also sees; the second is written to the memory")

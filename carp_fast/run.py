@@ -162,14 +162,30 @@ def command_line(main: Callable) -> Callable:
 
         statuses = {SettingsError: EXIT_SETTINGS, NonFiniteError: EXIT_NON_FINITE, DiskFullError: EXIT_DISK_FULL}
         try:
-            return main(*args, **kwargs)
+            result = main(*args, **kwargs)
+            close_process_group()
+            return result
         except tuple(statuses) as error:
+            if isinstance(error, NonFiniteError):  # every process stops at the same step (a shared decision)
+                close_process_group()
             status = next(code for kind, code in statuses.items() if isinstance(error, kind))
             message = str(error).split("\n\t")[-1]  # without fastai's "Exception occured in <callback>" prefix
             print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
             raise SystemExit(status) from None
 
     return wrapper
+
+
+def close_process_group() -> None:
+    """Leave torch.distributed, where it was joined, before the program ends, as its docs ask: a
+    group still open at interpreter exit can abort there ("terminate called without an active
+    exception", exit -6 instead of the run's status; seen once in CI). Only where every process
+    ends at the same point (a finished run, a non-finite stop, a signal's stop): with NCCL,
+    leaving while a peer waits in a collective can hang."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def parse_settings(defaults: dict, argv=None, description: str | None = None, method: Method = CARP):
@@ -207,6 +223,7 @@ def pretrain(method: Method, defaults: dict, argv=None, description: str | None 
     baselines = knn_baselines(learn, settings)  # with --knn-random-init: the network at initialisation and the raw pixels
     learn.fit(settings.epochs)
     if getattr(learn, "preempted", None):  # stopped by a signal: checkpointed, nothing to finish
+        close_process_group()  # every rank stops at the same step (the signal is a shared decision)
         raise SystemExit(EXIT_PREEMPTED)
     return finish(learn, settings, config, baselines)
 

@@ -121,3 +121,35 @@ def test_every_rank_follows_the_main_process_plan():
     assert results[0] == results[1]  # the same plan, the same steps, the same last epoch
     steps, train_iter, _, stopped_early = results[0]
     assert train_iter == steps < 2000 and not stopped_early
+
+
+@pytest.mark.parametrize("stop, status, closed", [(None, None, True), ("non-finite", 3, True), ("settings", 2, False)])
+def test_a_run_leaves_its_process_group_where_every_process_ends_together(tmp_path, stop, status, closed):
+    """A finished run and a non-finite stop (every rank stops at the same step) close the group
+    before the exit, which could otherwise abort at interpreter exit; a settings error, which one
+    rank may meet alone, leaves it (with NCCL, closing while a peer waits in a collective can hang)."""
+    import torch.distributed as dist
+
+    from carp_fast.callbacks import NonFiniteError
+    from carp_fast.run import SettingsError, command_line
+
+    @command_line
+    def run():
+        if stop == "non-finite":
+            raise NonFiniteError("loss is nan")
+        if stop == "settings":
+            raise SettingsError("--batch-size must be > 0")
+        return "summary"
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        if status is None:
+            assert run() == "summary"
+        else:
+            with pytest.raises(SystemExit) as exit_:
+                run()
+            assert exit_.value.code == status
+        assert dist.is_initialized() != closed
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

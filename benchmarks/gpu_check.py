@@ -21,6 +21,9 @@ Prints a rich table, then one JSON line (the last line) with:
 - ``batchnorm``: the backbone step with ``nn.BatchNorm2d``, torch's SyncBatchNorm (its
   masked path) and carp_fast's ``GlobalBatchNorm`` (``benchmarks/batchnorm_step.py``), and
   the largest difference between each fused CUDA kernel and the CPU formula;
+- ``sop_work``: SOP's own work (anchors, the exact neighbour search over 65,536 slots, votes,
+  scores, loss and backward, memory write) at the ImageNet recipe's shapes, fp32
+  (``benchmarks/sop_cost.py``'s ``imagenet_shapes``; on the CPU in the dry run);
 - ``estimates``: what the CPU can compute before a GPU (:func:`estimates`): FLOPs per image,
   the resulting images/s ceilings at an A100's and an H200's bf16 peak, and the peak memory
   of one micro-batch at batch 64 and 128 without allocating.
@@ -348,6 +351,14 @@ def batchnorm_times(sizes: dict, device: torch.device) -> tuple[dict, str]:
 
 # ----------------------------------------------------------------------------- the check
 
+def sop_work(device: torch.device, steps: int) -> dict:
+    """SOP's own work at the ImageNet recipe's shapes on ``device`` (``benchmarks/sop_cost.py``):
+    what BENCHMARKS.md has only as an A100 estimate from FLOPs."""
+    from benchmarks import sop_cost
+
+    return sop_cost.imagenet_shapes(steps=steps, warmup=2, log=lambda _: None, device=device)
+
+
 def check(dry_run: bool, work: Path, log=print) -> dict:
     started = time.perf_counter()
     sizes = TINY if dry_run else FULL
@@ -398,6 +409,7 @@ def check(dry_run: bool, work: Path, log=print) -> dict:
                                                              timeout=240 if gpu else 300))
     bn = measure("batchnorm", lambda: batchnorm_times(sizes, device))
     result["batchnorm"], result["notes"]["batchnorm"] = bn if bn else (None, "failed")
+    result["sop_work"] = measure("sop_work", lambda: sop_work(device, steps=5 if gpu else 1))
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -413,7 +425,7 @@ def print_table(result: dict) -> None:
     rows = [(k, result.get(k)) for k in ("torch", "torch_cuda", "driver", "dali", "dali_gpu_images_per_s",
                                          "dali_cpu_images_per_s", "torchvision_images_per_s", "train_images_per_s",
                                          "ceiling_images_per_s", "train_over_ceiling", "baseline_images_per_s",
-                                         "host_syncs_per_step", "peak_memory_mib", "in1k_mc", "batchnorm")]
+                                         "host_syncs_per_step", "peak_memory_mib", "in1k_mc", "batchnorm", "sop_work")]
     if est:
         rows += [("estimate: GFLOP per image (ResNet-50 2x224+6x96)", est["flops"]["gflop_per_image"]),
                  ("estimate: backward / forward", est["flops"]["backward_over_forward"]),

@@ -54,8 +54,9 @@ def without_networks(model, n_images: int, n_student: int, n_teacher: int, dim: 
     runs SOP's own work only. Returns the student's embedding leaf (its ``.grad`` is the
     backward's end)."""
     gen = torch.Generator().manual_seed(0)
-    z = F.normalize(torch.randn(n_student * n_images, dim, generator=gen), dim=1).requires_grad_()
-    w = F.normalize(torch.randn(n_teacher * n_images, dim, generator=gen), dim=1)
+    device = model.memory.embeddings.device
+    z = F.normalize(torch.randn(n_student * n_images, dim, generator=gen), dim=1).to(device).requires_grad_()
+    w = F.normalize(torch.randn(n_teacher * n_images, dim, generator=gen), dim=1).to(device)
     model.student.embed = lambda crops: z * 1.0  # a fresh graph node each call
     model.teacher.embed = lambda crops: w
     return z
@@ -68,14 +69,23 @@ def stand_in_backbone(drop_path: float) -> torch.nn.Module:
     return backbone
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work (CUDA runs asynchronously: a clock read alone would time the launches)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def sop_work(model, loss_func, crops, precision_context) -> float:
     """Seconds of one step of SOP's own work: forward (tasks, search, votes, scores, memory
-    write), loss and backward into the embeddings."""
+    write), loss and backward into the embeddings; on a GPU between two synchronisations."""
+    device = model.memory.embeddings.device
+    synchronize(device)
     start = time.perf_counter()
     with precision_context():
         out = model(*crops)
         loss = loss_func(out)
     loss.backward()
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -118,31 +128,35 @@ def embedded(steps: int, warmup: int, rounds: int, batch_size: int | None = None
                 sop_ms=round(statistics.median(work_s) * 1000, 2), sop_share=round(share, 4))
 
 
-def imagenet_shapes(steps: int, warmup: int, log=print) -> dict:
-    """Part 2: SOP's work and the search alone at the ImageNet recipe's shapes, fp32 on this CPU,
-    with FLOP counts and (estimates) A100 times."""
+def imagenet_shapes(steps: int, warmup: int, log=print, device: torch.device | str = "cpu") -> dict:
+    """Part 2: SOP's work and the search alone at the ImageNet recipe's shapes, fp32 on
+    ``device`` (this CPU by default; ``benchmarks/gpu_check.py`` runs it on its GPU), with FLOP
+    counts and (estimates) A100 times."""
     from carp_fast.sop.method import SOPStudentTeacher
     from carp_fast.sop.loss import SOPLoss
     from carp_fast.sop.prototypes import nearest_neighbours
 
+    device = torch.device(device)
     n_images, n_global, memory, dim, tasks, anchors, sops, k = 128, 2, 65536, 256, 4, 64, 32, 9
     model = SOPStudentTeacher(stand_in_backbone, memory_size=memory, tasks=tasks, anchors=anchors, sops=sops, neighbours=k,
-                              hidden_dim=16, embed_dim=dim, mim=False).train()
+                              hidden_dim=16, embed_dim=dim, mim=False).to(device).train()
     without_networks(model, n_images, n_global, n_global, dim)
-    crops = [torch.zeros(n_images, 1, 1, 1)] * n_global
+    crops = [torch.zeros(n_images, 1, 1, 1, device=device)] * n_global
     loss_func = SOPLoss()
-    off = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    off = lambda: torch.autocast(device.type, enabled=False)  # noqa: E731
     for _ in range(warmup):
         sop_work(model, loss_func, crops, off)
     work = statistics.median(sop_work(model, loss_func, crops, off) for _ in range(steps))
     table = model.memory.embeddings
-    drawn = model.anchor_sampler()
+    drawn = model.anchor_sampler(device)
     for _ in range(warmup):
         nearest_neighbours(table, drawn, k - 1)
     search = []
     for _ in range(steps):
+        synchronize(device)
         start = time.perf_counter()
         nearest_neighbours(table, drawn, k - 1)
+        synchronize(device)
         search.append(time.perf_counter() - start)
     search_s = statistics.median(search)
     search_flops = 2 * tasks * anchors * memory * dim  # [T*P, D] x [D, K]
@@ -151,11 +165,12 @@ def imagenet_shapes(steps: int, warmup: int, log=print) -> dict:
     step_flops = n_images * n_global * (3 + 1) * VIT_S16_FORWARD_FLOPS  # student fwd + bwd, teacher fwd, per GPU
     estimate_sop_ms = (search_flops + score_flops) / A100_FP32_FLOPS * 1000
     estimate_step_ms = step_flops / (0.4 * A100_BF16_FLOPS) * 1000
-    log(f"ImageNet shapes on this CPU (fp32): SOP's work {work * 1000:.1f} ms, of which the search {search_s * 1000:.1f} ms")
-    return dict(memory=memory, dim=dim, tasks=tasks, anchors=anchors, sops=sops, neighbours=k, images_per_gpu=n_images,
-                cpu_sop_ms=round(work * 1000, 1), cpu_search_ms=round(search_s * 1000, 1),
+    where = "this CPU" if device.type == "cpu" else str(device)
+    log(f"ImageNet shapes on {where} (fp32): SOP's work {work * 1000:.1f} ms, of which the search {search_s * 1000:.1f} ms")
+    return dict(device=device.type, memory=memory, dim=dim, tasks=tasks, anchors=anchors, sops=sops, neighbours=k, images_per_gpu=n_images,
+                sop_ms=round(work * 1000, 1), search_ms=round(search_s * 1000, 1),
                 search_gflop=round(search_flops / 1e9, 2), scores_gflop=round(score_flops / 1e9, 2),
-                cpu_search_gflops=round(search_flops / search_s / 1e9, 1),
+                search_gflops=round(search_flops / search_s / 1e9, 1),
                 a100_sop_ms_estimate=round(estimate_sop_ms, 2), a100_vit_s16_step_ms_estimate=round(estimate_step_ms, 1),
                 a100_share_estimate=round(estimate_sop_ms / (estimate_sop_ms + estimate_step_ms), 4))
 

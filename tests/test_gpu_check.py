@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 KEYS = {"device", "torch_cuda", "driver", "dali_gpu_images_per_s", "dali_cpu_images_per_s", "train_images_per_s",
         "ceiling_images_per_s", "train_over_ceiling", "host_syncs_per_step", "peak_memory_mib", "in1k_mc",
-        "batchnorm", "estimates", "errors", "notes"}
+        "batchnorm", "sop_work", "estimates", "errors", "notes"}
 
 
 @pytest.mark.slow
@@ -29,6 +29,8 @@ def test_dry_run_prints_every_field(tmp_path):
     assert result["train_images_per_s"] > 0 and result["ceiling_images_per_s"] > 0 and result["train_over_ceiling"] > 0
     assert result["in1k_mc"]["export_checked"] and result["in1k_mc"]["steps_run"] >= 1
     assert result["batchnorm"] is not None or result["notes"]["batchnorm"]
+    sop = result["sop_work"]
+    assert sop["device"] == "cpu" and sop["memory"] == 65536 and sop["search_ms"] > 0 and sop["sop_ms"] > 0
     # The estimates are for the main recipe: ResNet-50 at 2x224 + 6x96 is about 3.7 supervised
     # 224-px image equivalents (student forward + backward on all crops, teacher forward on the globals).
     est = result["estimates"]

@@ -17,7 +17,9 @@ Each run is :func:`benchmarks.ablations.run_ablation` (resnet10_tiny, Fashion-MN
 k-NN top-1 with k = 20, T = 0.07 on a fixed bank of training images). Writes,
 under ``--out``: ``results.jsonl`` (one line per run; a run already there with the same setting and
 seed is read back, not trained again, so an interrupted suite goes on where it stopped),
-``table.md`` (mean and standard deviation over the seeds, collapsed runs, the paper's number beside each row) and ``ablations.png``.
+``table.md`` (mean and standard deviation over the seeds, collapsed runs, the paper's number
+beside each row, and the same network at each seed's random initialisation as the reference
+row) and ``ablations.png``.
 
 The k-NN queries are validation images by default (``--eval-on validation``: training images
 held out of every run's training and bank, ``pipelines/validation.py``): choose settings (CARL's
@@ -34,7 +36,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
-from benchmarks.ablations import EVAL_SPLITS, AblationSetting, run_ablation  # noqa: E402
+from benchmarks.ablations import EVAL_SPLITS, AblationSetting, knn_at_init, run_ablation  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "runs" / "ablations" / "suite"
 
@@ -113,6 +115,14 @@ def summarise(rows: list[dict]) -> list[dict]:
     return table
 
 
+def random_init_row(seeds: list[int], size: dict, eval_on: str) -> dict:
+    """The table's reference row: the k-NN of the same network untrained, at each seed's initialisation."""
+    top1 = [knn_at_init(seed, size["bank"], size["queries"], eval_on) for seed in seeds]
+    return dict(suite="-", label="random initialisation (no training)", setting={}, seeds=len(top1),
+                knn_mean=statistics.fmean(top1), knn_std=statistics.stdev(top1) if len(top1) > 1 else 0.0,
+                collapsed=0, paper="-")
+
+
 def paper_number(suite: str, s: dict) -> str:
     """The paper's cell that a row stands beside, in words (the scales differ: shape only)."""
     if suite == "a":
@@ -164,6 +174,10 @@ def plot(table: list[dict], path: Path) -> None:
         axes[2].bar(range(len(rows)), [t["knn_mean"] for t in rows], yerr=[t["knn_std"] for t in rows], capsize=3)
         axes[2].set_xticks(range(len(rows)), [t["label"].split("lambda_e=")[-1] if "lambda_e" in t["label"] else "1" for t in rows])
     axes[2].set(xlabel="lambda_e (start->end)", ylabel="k-NN top-1 %", title="(c) CARL")
+    for t in table:
+        if t["suite"] == "-":  # the untrained network, the floor every panel is read against
+            for ax in axes:
+                ax.axhline(t["knn_mean"], color="grey", linestyle="--", label="random init")
     for ax in axes[:2]:
         ax.legend()
     fig.tight_layout()
@@ -198,7 +212,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 result = run_ablation(s, out=results)
                 knn_top1, collapsed = result.knn_top1, result.collapsed
             rows.append(dict(suite=suite, label=s.label(), setting=vars(s), knn_top1=knn_top1, collapsed=collapsed))
-    table = summarise(rows)
+    table = summarise(rows) + [random_init_row(seeds, size, a.eval_on)]
     command = "python benchmarks/ablation_suite.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(write_table(table, out / "table.md", command.strip()))
     plot(table, out / "ablations.png")

@@ -238,6 +238,7 @@ def test_the_ablation_suite_runs_in_its_quick_mode(tmp_path):
     assert ("a", "K=64 B=64 random (one block)") in rows and ("a", "K=64 B=64 random (one block, no teacher: CARL)") in rows
     assert {("b", f"K=64 B=8 {p}, {n} steps") for p in ("random", "fixed") for n in (2, 4)} <= rows
     assert ("c", "K=64 B=64 random (one block, no teacher: CARL) lambda_e=2->1") in rows
+    assert ("-", "random initialisation (no training)") in rows
     assert all(0 <= t["knn_mean"] <= 100 for t in table)
     assert (tmp_path / "ablations.png").stat().st_size > 0 and "| suite |" in (tmp_path / "table.md").read_text()
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2 * 2 + 2 * 2 + 3

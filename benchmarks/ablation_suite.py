@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(f"{s.name()}: k-NN top-1 {knn_top1:.1f} % (from {results})", flush=True)
             else:
                 result = run_ablation(s, out=results)
-                knn_top1, collapsed = result.knn_top1, result.collapsed
+                knn_top1, collapsed = done[key] = result.knn_top1, result.collapsed  # e.g. (c)'s lambda_e = 1 is (a)'s CARL
             rows.append(dict(suite=suite, label=s.label(), setting=vars(s), knn_top1=knn_top1, collapsed=collapsed))
     table = summarise(rows) + [random_init_row(seeds, size, a.eval_on)]
     command = "python benchmarks/ablation_suite.py " + " ".join(argv if argv is not None else sys.argv[1:])

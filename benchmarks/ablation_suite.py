@@ -171,7 +171,7 @@ def plot(table: list[dict], path: Path) -> None:
     axes[1].set(xlabel="optimizer steps", ylabel="k-NN top-1 %", title="(b) section 6.2: random vs fixed")
     rows = [t for t in table if t["suite"] == "c"]
     if rows:
-        axes[2].bar(range(len(rows)), [t["knn_mean"] for t in rows], yerr=[t["knn_std"] for t in rows], capsize=3)
+        axes[2].errorbar(range(len(rows)), [t["knn_mean"] for t in rows], yerr=[t["knn_std"] for t in rows], fmt="o", capsize=3)
         axes[2].set_xticks(range(len(rows)), [t["label"].split("lambda_e=")[-1] if "lambda_e" in t["label"] else "1" for t in rows])
     axes[2].set(xlabel="lambda_e (start->end)", ylabel="k-NN top-1 %", title="(c) CARL")
     for t in table:

@@ -362,7 +362,9 @@ def test_a_run_writes_its_memory_anchor_state_metrics_and_a_strict_export(sop_ru
     assert len(epochs) == 2 and all(math.isfinite(r["loss"]) for r in epochs)
     assert 0 < epochs[-1]["loss"] < math.log(8) + 1  # near or below log P' (8 SOPs), never NaN
     assert {"teacher_temperature", "slots_hit", "agreement", "cls_loss", "mim_loss"} <= set(epochs[0])
-    assert epochs[0]["mim_loss"] == 0 and epochs[0]["cls_loss"] == pytest.approx(epochs[0]["loss"])  # a ResNet: no MIM
+    # a ResNet: no MIM; the rest of the loss is the recipe's KoLeo term at its weight 0.1
+    assert epochs[0]["mim_loss"] == 0 and epochs[0]["koleo"] != 0
+    assert epochs[0]["loss"] == pytest.approx(epochs[0]["cls_loss"] + 0.1 * epochs[0]["koleo"], rel=1e-4)
     state = torch.load(out / "checkpoint.pth", weights_only=False)
     assert state["model"]["memory.embeddings"].shape == (256, 32)
     assert int(state["model"]["memory.pointer"]) == (2 * 4 * 64) % 256

@@ -41,6 +41,7 @@ if __package__ in (None, ""):  # run as a script: make the repository's benchmar
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_train import _device_name, learner_step  # noqa: E402
+from benchmarks.bench_train import _synchronize as synchronize  # noqa: E402  (CUDA runs asynchronously)
 from benchmarks.method_speed import method_setup  # noqa: E402
 
 A100_FP32_FLOPS = 19.5e12  # dense fp32 peak (no TF32): the search runs in fp32
@@ -67,12 +68,6 @@ def stand_in_backbone(drop_path: float) -> torch.nn.Module:
     backbone = torch.nn.Identity()
     backbone.feature_dim = 8
     return backbone
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the GPU's queued work (CUDA runs asynchronously: a clock read alone would time the launches)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def sop_work(model, loss_func, crops, precision_context) -> float:

@@ -181,11 +181,13 @@ def close_process_group() -> None:
     group still open at interpreter exit can abort there ("terminate called without an active
     exception", exit -6 instead of the run's status; seen once in CI). Only where every process
     ends at the same point (a finished run, a non-finite stop, a signal's stop): with NCCL,
-    leaving while a peer waits in a collective can hang."""
+    leaving while a peer waits in a collective can hang. Accelerate's own call, which also leaves
+    alone the group of a ``notebook_launcher`` fork (the notebook process keeps it)."""
     import torch.distributed as dist
+    from accelerate.state import PartialState
 
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        PartialState().destroy_process_group()
 
 
 def parse_settings(defaults: dict, argv=None, description: str | None = None, method: Method = CARP):

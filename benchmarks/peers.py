@@ -27,6 +27,10 @@ DINO), else the network's own (SwAV).
   ``--dino-freeze-steps``) and ``DINOLoss`` (student T 0.1, teacher T 0.04, centre momentum
   0.9), with an EMA teacher at the recipe's momentum, cosine to 1 (carp_fast's TeacherEMA).
 
+Tuned on the validation split with 4 runs each (BENCHMARKS.md, "Issue 24: lightly's SwAV and
+DINO"): SwAV is best at these defaults, DINO with ``--dino-freeze-steps 0`` (it still collapses
+to a uniform output at this scale).
+
 Training runs in fastai's Learner built by :func:`carp_fast.learner.method_learner`, the
 function CARP's and MaSSL's learners are built with (precision, gradient accumulation,
 progress), with carp_fast's OptimizerStepScheduler and TeacherEMA callbacks; only the model,
